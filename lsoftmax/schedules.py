@@ -1,0 +1,106 @@
+"""Lambda schedules: the blending weight used at training step ``it = 0, 1, ...``.
+
+The values come from the C++ core (``lsoftmax._core``), the one home of the formulas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from lsoftmax import _core
+
+__all__ = ["Constant", "Exponential", "Scaled", "Schedule", "schedule_from_dict"]
+
+
+class Schedule:
+    """Base class: ``value(step)`` gives lambda at a training step."""
+
+    kind: ClassVar[str] = ""
+
+    def value(self, step: int) -> float:
+        raise NotImplementedError
+
+    def params(self) -> list[float]:
+        """The parameters as a flat list, in the order the core functions take them."""
+        return [float(v) for v in asdict(self).values()]  # type: ignore[call-overload]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class Exponential(Schedule):
+    """The original Caffe layer: ``max(lambda_min, base * (1 + gamma * iter)^(-power))``.
+
+    ``iter = iteration + step + 1`` (the layer counts before it computes; ``iteration`` is the
+    resume offset). The defaults are the paper's MNIST setting.
+    """
+
+    kind: ClassVar[str] = "exponential"
+    base: float = 1000.0
+    gamma: float = 2.5e-5
+    power: float = 35.0
+    lambda_min: float = 0.0
+    iteration: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iteration, bool) or not isinstance(self.iteration, int):
+            raise TypeError(f"iteration must be an int, got {type(self.iteration).__name__}")
+        _core.exponential_lambda(
+            self.base, self.gamma, self.power, self.lambda_min, self.iteration, 0
+        )
+
+    def value(self, step: int) -> float:
+        return float(
+            _core.exponential_lambda(
+                self.base, self.gamma, self.power, self.lambda_min, self.iteration, int(step)
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Scaled(Schedule):
+    """The MXNet and PyTorch ports: ``max(beta_min, beta * scale^step)``."""
+
+    kind: ClassVar[str] = "scaled"
+    beta: float = 100.0
+    scale: float = 0.99
+    beta_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        _core.scaled_lambda(self.beta, self.scale, self.beta_min, 0)
+
+    def value(self, step: int) -> float:
+        return float(_core.scaled_lambda(self.beta, self.scale, self.beta_min, int(step)))
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """A fixed lambda."""
+
+    kind: ClassVar[str] = "constant"
+    value_: float = 0.0
+
+    def __init__(self, value: float = 0.0) -> None:
+        object.__setattr__(self, "value_", float(value))
+        _core.validate_constant(self.value_)
+
+    def value(self, step: int) -> float:
+        del step
+        return self.value_
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value_}
+
+
+_KINDS: dict[str, type[Schedule]] = {c.kind: c for c in (Exponential, Scaled, Constant)}
+
+
+def schedule_from_dict(d: dict[str, Any]) -> Schedule:
+    """Inverse of ``Schedule.to_dict()``."""
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in _KINDS:
+        raise ValueError(f"unknown schedule kind {kind!r}; expected one of {sorted(_KINDS)}")
+    return _KINDS[kind](**d)

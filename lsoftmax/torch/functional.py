@@ -1,0 +1,80 @@
+"""Functional form of the L-Softmax layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lsoftmax.torch import ops as _ops  # noqa: F401  (registers torch.ops.lsoftmax)
+
+__all__ = ["check_inputs", "check_lambda", "check_margin", "lsoftmax_logits"]
+
+_FLOATS = (torch.float32, torch.float64)
+_LABELS = (torch.int32, torch.int64)
+
+
+def check_margin(margin: object) -> int:
+    if isinstance(margin, bool) or not isinstance(margin, int):
+        raise TypeError(f"margin must be an int, got {type(margin).__name__}")
+    if margin < 1:
+        raise ValueError(f"margin must be >= 1, got {margin}")
+    return margin
+
+
+def check_lambda(lam: object) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise TypeError(f"lam must be a float, got {type(lam).__name__}")
+    if math.isnan(lam) or lam < 0:
+        raise ValueError(f"lam must be >= 0 (and not NaN), got {lam}")
+    return float(lam)
+
+
+def check_inputs(x: Tensor, weight: Tensor, target: Tensor | None) -> None:
+    """Shape, dtype and device checks that need no data (they also run under torch.compile)."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; they must match")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"x has {x.shape[1]} features but weight has {weight.shape[1]} "
+            "(weight must be (out_features, in_features))"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    if target is None:
+        return
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in _LABELS:
+        raise TypeError(f"target must be int32 or int64, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"target must have shape ({x.shape[0]},) to match x, got {tuple(target.shape)}"
+        )
+    if target.device != x.device:
+        raise ValueError(f"target is on {target.device} but x is on {x.device}")
+
+
+def lsoftmax_logits(
+    x: Tensor, weight: Tensor, target: Tensor | None, margin: int, lam: float | Tensor = 0.0
+) -> Tensor:
+    """L-Softmax logits: ``x @ weight.T`` with the margin applied to each row's target logit.
+
+    With ``target=None`` these are the plain logits. ``lam`` is the blending weight (a float, or
+    a 0-d tensor when it changes every step, as a schedule's does).
+    """
+    check_inputs(x, weight, target)
+    margin = check_margin(margin)
+    if isinstance(lam, Tensor):
+        if target is None:
+            return torch.ops.lsoftmax.linear(x, weight, None, margin, 0.0)
+        return torch.ops.lsoftmax.margin_linear(x, weight, target, lam.to(torch.float64), margin)
+    return torch.ops.lsoftmax.linear(x, weight, target, margin, check_lambda(lam))

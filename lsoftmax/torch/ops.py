@@ -1,0 +1,146 @@
+"""The ``lsoftmax::`` torch custom ops (eager, autograd, torch.compile, torch.export).
+
+- ``lsoftmax::linear(x, weight, labels?, margin, lam: float)``: plain logits without labels,
+  margin logits with them; the op the ONNX exporter translates (lambda becomes an attribute).
+- ``lsoftmax::margin_linear(x, weight, labels, lam: Tensor, margin)``: the same with lambda as a
+  0-d float64 tensor, so a schedule can change it every step without recompiling.
+- ``lsoftmax::linear_backward``: the backward of both (GEMMs by torch, margin terms by the core).
+- ``lsoftmax::schedule_lambda(step, kind, params)``: a schedule's value at a step tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lsoftmax import _core
+from lsoftmax.torch import _kernels
+
+__all__ = ["linear", "linear_backward", "margin_linear", "schedule_lambda"]
+
+
+def _forward(x: Tensor, weight: Tensor, labels: Tensor | None, margin: int, lam: float) -> Tensor:
+    logits = torch.mm(x, weight.t())
+    if labels is not None:
+        _kernels.margin_forward_(logits, x, weight, labels, margin, lam)
+    return logits
+
+
+def _fake_logits(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("lsoftmax::linear_backward", mutates_args=())
+def linear_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, labels: Tensor, lam: Tensor, margin: int
+) -> tuple[Tensor, Tensor]:
+    grad = grad.contiguous()
+    grad_x = torch.mm(grad, weight)
+    grad_weight = torch.mm(grad.t(), x)
+    _kernels.margin_backward_(grad, x, weight, labels, grad_x, grad_weight, margin, lam.item())
+    return grad_x, grad_weight
+
+
+@linear_backward.register_fake
+def _(grad: Tensor, x: Tensor, weight: Tensor, labels: Tensor, lam: Tensor, margin: int):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        weight, memory_format=torch.contiguous_format
+    )
+
+
+def _grads(ctx: Any, grad: Tensor, lam: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    x, weight, labels = ctx.saved_tensors[:3]
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_x or need_w):
+        return None, None
+    if ctx.has_labels:
+        grad_x, grad_w = torch.ops.lsoftmax.linear_backward(
+            grad, x, weight, labels, lam, ctx.margin
+        )
+    else:
+        grad_x, grad_w = grad @ weight, grad.t() @ x
+    return (grad_x if need_x else None), (grad_w if need_w else None)
+
+
+# --- lsoftmax::linear (float lambda) --------------------------------------------------------
+
+
+@torch.library.custom_op("lsoftmax::linear", mutates_args=())
+def linear(x: Tensor, weight: Tensor, labels: Tensor | None, margin: int, lam: float) -> Tensor:
+    return _forward(x, weight, labels, margin, lam)
+
+
+@linear.register_fake
+def _(x: Tensor, weight: Tensor, labels: Tensor | None, margin: int, lam: float) -> Tensor:
+    return _fake_logits(x, weight)
+
+
+def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, labels, margin, lam = inputs
+    ctx.has_labels = labels is not None
+    ctx.save_for_backward(x, weight, labels)
+    ctx.margin = margin
+    ctx.lam = lam
+
+
+def _linear_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    lam = torch.tensor(ctx.lam, dtype=torch.float64)
+    grad_x, grad_w = _grads(ctx, grad, lam)
+    return grad_x, grad_w, None, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# --- lsoftmax::margin_linear (tensor lambda) --------------------------------------------------
+
+
+@torch.library.custom_op("lsoftmax::margin_linear", mutates_args=())
+def margin_linear(x: Tensor, weight: Tensor, labels: Tensor, lam: Tensor, margin: int) -> Tensor:
+    return _forward(x, weight, labels, margin, lam.item())
+
+
+@margin_linear.register_fake
+def _(x: Tensor, weight: Tensor, labels: Tensor, lam: Tensor, margin: int) -> Tensor:
+    return _fake_logits(x, weight)
+
+
+def _margin_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, labels, lam, margin = inputs
+    ctx.has_labels = True
+    ctx.save_for_backward(x, weight, labels, lam)
+    ctx.margin = margin
+
+
+def _margin_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    grad_x, grad_w = _grads(ctx, grad, ctx.saved_tensors[3])
+    return grad_x, grad_w, None, None, None
+
+
+margin_linear.register_autograd(_margin_backward, setup_context=_margin_setup)
+
+
+# --- lsoftmax::schedule_lambda ------------------------------------------------------------------
+
+
+@torch.library.custom_op("lsoftmax::schedule_lambda", mutates_args=())
+def schedule_lambda(step: Tensor, kind: str, params: list[float]) -> Tensor:
+    it = int(step.item())
+    if kind == "exponential":
+        base, gamma, power, lambda_min, iteration = params
+        value = _core.exponential_lambda(base, gamma, power, lambda_min, int(iteration), it)
+    elif kind == "scaled":
+        beta, scale, beta_min = params
+        value = _core.scaled_lambda(beta, scale, beta_min, it)
+    elif kind == "constant":
+        (value,) = params
+    else:
+        raise ValueError(f"unknown schedule kind {kind!r}")
+    return torch.tensor(value, dtype=torch.float64)
+
+
+@schedule_lambda.register_fake
+def _(step: Tensor, kind: str, params: list[float]) -> Tensor:
+    return torch.empty((), dtype=torch.float64)

@@ -1,0 +1,22 @@
+// Lambda schedules as plain functions of the training step it = 0, 1, ...
+#pragma once
+
+#include <cstdint>
+
+#include "lsoftmax/status.h"
+
+namespace lsoftmax {
+
+// The original Caffe layer: it counts before it computes, so step `it` uses iter = iteration + it + 1.
+double exponential_lambda(double base, double gamma, double power, double lambda_min,
+                          int64_t iteration, int64_t it);
+
+// The MXNet and PyTorch ports: max(beta_min, beta * scale^it).
+double scaled_lambda(double beta, double scale, double beta_min, int64_t it);
+
+Status validate_exponential(double base, double gamma, double power, double lambda_min,
+                            int64_t iteration);
+Status validate_scaled(double beta, double scale, double beta_min);
+Status validate_constant(double value);
+
+}  // namespace lsoftmax

@@ -1,0 +1,176 @@
+// CPU implementation of the per-row L-Softmax work; the math itself is in margin_math.h.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "lsoftmax/lsoftmax.h"
+#include "lsoftmax/margin_math.h"
+#include "parallel.h"
+
+namespace lsoftmax {
+namespace {
+
+// Accumulate in double whatever T is: the norms and the recomputed target logit then carry no
+// more error than the host GEMM that produced the logits.
+template <typename T>
+double dot_row(const MatrixView<const T>& a, int64_t i, const MatrixView<const T>& b, int64_t j) {
+  double acc = 0.0;
+  for (int64_t d = 0; d < a.cols; ++d) {
+    acc += static_cast<double>(a(i, d)) * static_cast<double>(b(j, d));
+  }
+  return acc;
+}
+
+template <typename T>
+double norm_row(const MatrixView<const T>& a, int64_t i) {
+  return std::sqrt(dot_row(a, i, a, i));
+}
+
+template <typename T>
+Status check_shapes(const MatrixView<const T>& x, const MatrixView<const T>& w, int64_t n_labels) {
+  if (x.cols != w.cols) {
+    return Status::InvalidArgument("x has " + std::to_string(x.cols) +
+                                   " features per row but weight has " + std::to_string(w.cols) +
+                                   " (weight must be (num_classes, in_features))");
+  }
+  if (n_labels != x.rows) {
+    return Status::InvalidArgument("labels has " + std::to_string(n_labels) +
+                                   " entries but x has " + std::to_string(x.rows) + " rows");
+  }
+  if (w.rows < 1) return Status::InvalidArgument("weight must have at least one class (row)");
+  return Status::Ok();
+}
+
+template <typename L>
+Status check_labels(const LabelView<L>& labels, int64_t num_classes) {
+  for (int64_t i = 0; i < labels.size; ++i) {
+    const int64_t y = static_cast<int64_t>(labels[i]);
+    if (y < 0 || y >= num_classes) {
+      return Status::InvalidArgument("labels[" + std::to_string(i) + "] = " + std::to_string(y) +
+                                     " is out of range [0, " + std::to_string(num_classes) + ")");
+    }
+  }
+  return Status::Ok();
+}
+
+template <typename T, typename L>
+Status check_all(const MatrixView<const T>& x, const MatrixView<const T>& w,
+                 const LabelView<L>& labels, int64_t margin, double lambda) {
+  Status s = validate_margin_params(margin, lambda);
+  if (s.ok()) s = check_shapes(x, w, labels.size);
+  if (s.ok()) s = check_labels(labels, w.rows);
+  return s;
+}
+
+template <typename T>
+Status check_matrix(const char* name, const MatrixView<T>& m, int64_t rows, int64_t cols) {
+  if (m.rows == rows && m.cols == cols) return Status::Ok();
+  return Status::InvalidArgument(std::string(name) + " has shape (" + std::to_string(m.rows) +
+                                 ", " + std::to_string(m.cols) + "), expected (" +
+                                 std::to_string(rows) + ", " + std::to_string(cols) + ")");
+}
+
+}  // namespace
+
+Status validate_margin_params(int64_t margin, double lambda) {
+  if (margin < 1 || margin > (1 << 20)) {
+    return Status::InvalidArgument("margin must be an integer in [1, 2^20], got " +
+                                   std::to_string(margin));
+  }
+  if (!(lambda >= 0.0)) {  // also rejects NaN
+    return Status::InvalidArgument("lambda must be >= 0 (and not NaN), got " +
+                                   std::to_string(lambda));
+  }
+  return Status::Ok();
+}
+
+template <typename T, typename L>
+Status margin_forward(MatrixView<const T> x, MatrixView<const T> w, LabelView<L> labels,
+                      MatrixView<T> logits, int64_t margin, double lambda, RowStats<T> stats) {
+  Status s = check_all(x, w, labels, margin, lambda);
+  if (s.ok()) s = check_matrix("logits", logits, x.rows, w.rows);
+  if (!s.ok()) return s;
+  const int m = static_cast<int>(margin);
+  const T lam = static_cast<T>(lambda);
+  detail::parallel_for(x.rows, 2 * x.cols + 8 * m, [&](int64_t i) {
+    const int64_t t = static_cast<int64_t>(labels[i]);
+    const T nx = static_cast<T>(norm_row(x, i));
+    const T nw = static_cast<T>(norm_row(w, t));
+    T& f = logits(i, t);
+    const bool degenerate = is_degenerate(nx, nw);
+    if (stats.norm_x) stats.norm_x[i] = nx;
+    if (stats.norm_w) stats.norm_w[i] = nw;
+    if (stats.cos_theta) stats.cos_theta[i] = degenerate ? T(0) : clamp_cos(f / (nx * nw));
+    if (stats.segment) stats.segment[i] = degenerate ? -1 : margin_segment(m, clamp_cos(f / (nx * nw)));
+    f = margin_logit(f, nx, nw, m, lam);
+  });
+  return Status::Ok();
+}
+
+template <typename T, typename L>
+Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
+                       MatrixView<const T> w, LabelView<L> labels, MatrixView<T> grad_x,
+                       MatrixView<T> grad_w, int64_t margin, double lambda) {
+  Status s = check_all(x, w, labels, margin, lambda);
+  if (s.ok()) s = check_matrix("grad_logits", grad_logits, x.rows, w.rows);
+  if (s.ok()) s = check_matrix("grad_x", grad_x, x.rows, x.cols);
+  if (s.ok()) s = check_matrix("grad_weight", grad_w, w.rows, w.cols);
+  if (!s.ok() || margin == 1) return s;
+  const int m = static_cast<int>(margin);
+  const T lam = static_cast<T>(lambda);
+  const int64_t n = x.rows, d = x.cols;
+
+  std::vector<RowGrad<T>> rows(static_cast<size_t>(n));
+  detail::parallel_for(n, 4 * d + 8 * m, [&](int64_t i) {
+    const int64_t t = static_cast<int64_t>(labels[i]);
+    const T nx = static_cast<T>(norm_row(x, i));
+    const T nw = static_cast<T>(norm_row(w, t));
+    const T f = static_cast<T>(dot_row(x, i, w, t));
+    const RowGrad<T> r = margin_row_grad(f, nx, nw, m, lam, grad_logits(i, t));
+    rows[static_cast<size_t>(i)] = r;
+    for (int64_t j = 0; j < d; ++j) grad_x(i, j) += r.delta * w(t, j) + r.coef_x * x(i, j);
+  });
+
+  // Group samples by class (stable: sample order within a class) so each grad_w row is owned by
+  // one thread and summed in a fixed order.
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return labels[a] < labels[b]; });
+  std::vector<int64_t> starts;
+  for (int64_t k = 0; k < n; ++k) {
+    if (k == 0 || labels[order[k]] != labels[order[k - 1]]) starts.push_back(k);
+  }
+  starts.push_back(n);
+  const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
+  detail::parallel_for(groups, 2 * d * std::max<int64_t>(1, n / std::max<int64_t>(groups, 1)),
+                       [&](int64_t gidx) {
+    const int64_t lo = starts[gidx], hi = starts[gidx + 1];
+    const int64_t t = static_cast<int64_t>(labels[order[lo]]);
+    T coef_w = T(0);
+    for (int64_t k = lo; k < hi; ++k) coef_w += rows[static_cast<size_t>(order[k])].coef_w;
+    for (int64_t j = 0; j < d; ++j) grad_w(t, j) += coef_w * w(t, j);
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t i = order[k];
+      const T delta = rows[static_cast<size_t>(i)].delta;
+      for (int64_t j = 0; j < d; ++j) grad_w(t, j) += delta * x(i, j);
+    }
+  });
+  return Status::Ok();
+}
+
+#define LSOFTMAX_INSTANTIATE(T, L)                                                              \
+  template Status margin_forward<T, L>(MatrixView<const T>, MatrixView<const T>, LabelView<L>, \
+                                       MatrixView<T>, int64_t, double, RowStats<T>);          \
+  template Status margin_backward<T, L>(MatrixView<const T>, MatrixView<const T>,              \
+                                        MatrixView<const T>, LabelView<L>, MatrixView<T>,      \
+                                        MatrixView<T>, int64_t, double);
+LSOFTMAX_INSTANTIATE(float, int32_t)
+LSOFTMAX_INSTANTIATE(float, int64_t)
+LSOFTMAX_INSTANTIATE(double, int32_t)
+LSOFTMAX_INSTANTIATE(double, int64_t)
+#undef LSOFTMAX_INSTANTIATE
+
+}  // namespace lsoftmax
