@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "array_views.h"
+#include "bindings.h"
 #include "lsoftmax/lsoftmax.h"
 #include "lsoftmax/schedules.h"
 
@@ -153,4 +154,6 @@ PYBIND11_MODULE(_core, m) {
 #else
   m.attr("cuda_compiled") = false;
 #endif
+  bind_lgm(m);
+  bind_cuda(m);
 }

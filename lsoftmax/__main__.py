@@ -1,0 +1,5 @@
+import sys
+
+from lsoftmax.cli import main
+
+sys.exit(main())

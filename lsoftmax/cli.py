@@ -1,0 +1,50 @@
+"""The ``lsoftmax`` command line: ``lsoftmax demo|train|plot|export|infer|convert ...``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Command modules under lsoftmax.commands, in the order --help lists them.
+COMMANDS = ("demo", "train", "plot", "export", "infer", "convert")
+
+
+class CLIError(Exception):
+    """An error reported to the user as one line, without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lsoftmax",
+        description="Large-margin softmax (L-Softmax, L-GM): train, export, serve, convert.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"lsoftmax.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"lsoftmax.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"lsoftmax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, OSError, RuntimeError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"lsoftmax {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
