@@ -1,0 +1,169 @@
+// CPU kernel of ai.lsoftmax::LSoftmaxLinear (see lsoftmax_linear_op.h).
+#include "lsoftmax_linear_op.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "lsoftmax/lsoftmax.h"
+
+namespace lsoftmax_ort {
+namespace {
+
+std::string shape_of(const Ort::ConstValue& v) {
+  return shape_string(v.GetTensorTypeAndShapeInfo().GetShape());
+}
+
+// ORT's Gemm computing Y = X W^T. Op::Create applies no schema defaults, so every attribute is
+// given explicitly.
+template <typename T>
+Ort::Op make_gemm(const OrtKernelInfo* info) {
+  const char* type_names[] = {"T"};
+  const ONNXTensorElementDataType types[] = {onnx_type<T>()};
+  const float alpha = 1.0f, beta = 0.0f;
+  const int64_t trans_a = 0, trans_b = 1;
+  Ort::OpAttr attrs[] = {
+      Ort::OpAttr("alpha", &alpha, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
+      Ort::OpAttr("beta", &beta, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
+      Ort::OpAttr("transA", &trans_a, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+      Ort::OpAttr("transB", &trans_b, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+  };
+  return Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attrs, 4, /*inputs=*/2,
+                         /*outputs=*/1);
+}
+
+template <typename T, typename L>
+OrtStatus* apply_margin(const T* x, const T* w, const L* labels, T* y, int64_t n, int64_t d,
+                        int64_t c, int64_t margin, double lambda) {
+  using lsoftmax::MatrixView;
+  const lsoftmax::Status s = lsoftmax::margin_forward<T, L>(
+      MatrixView<const T>::contiguous(x, n, d), MatrixView<const T>::contiguous(w, c, d),
+      lsoftmax::LabelView<L>{labels, n, 1}, MatrixView<T>::contiguous(y, n, c), margin, lambda);
+  return to_ort_status(kLSoftmaxLinear, s);
+}
+
+}  // namespace
+
+template <typename T>
+OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
+  return guarded(kLSoftmaxLinear, [&]() -> OrtStatus* {
+    kernel_calls().fetch_add(1, std::memory_order_relaxed);
+    Ort::KernelContext ctx(context);
+    const Ort::ConstValue x = ctx.GetInput(0);
+    const Ort::ConstValue w = ctx.GetInput(1);
+    const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> ws = w.GetTensorTypeAndShapeInfo().GetShape();
+    if (xs.size() != 2) {
+      return invalid_argument(kLSoftmaxLinear,
+                              "input X must be 2-D (N, D), got shape " + shape_string(xs));
+    }
+    if (ws.size() != 2) {
+      return invalid_argument(kLSoftmaxLinear,
+                              "input W must be 2-D (C, D), got shape " + shape_string(ws));
+    }
+    const int64_t n = xs[0], d = xs[1], c = ws[0];
+    if (ws[1] != d) {
+      return invalid_argument(kLSoftmaxLinear, "input X has " + std::to_string(d) +
+                                                   " features per row but input W has " +
+                                                   std::to_string(ws[1]) +
+                                                   " (W must be (num_classes, in_features))");
+    }
+    Ort::ConstValue labels{nullptr};
+    if (ctx.GetInputCount() > 2) labels = ctx.GetInput(2);
+    ONNXTensorElementDataType label_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    if (labels) {
+      const Ort::TensorTypeAndShapeInfo li = labels.GetTensorTypeAndShapeInfo();
+      label_type = li.GetElementType();
+      if (label_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
+          label_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
+        return invalid_argument(kLSoftmaxLinear, std::string("input labels must be int64 or "
+                                                             "int32, got ") +
+                                                     type_name(label_type));
+      }
+      const std::vector<int64_t> ls = li.GetShape();
+      if (ls.size() != 1 || ls[0] != n) {
+        return invalid_argument(kLSoftmaxLinear, "input labels must have shape (" +
+                                                     std::to_string(n) + ",) to match X, got " +
+                                                     shape_of(labels));
+      }
+    }
+
+    Ort::UnownedValue y = ctx.GetOutput(0, {n, c});
+    if (n == 0 || c == 0) return nullptr;
+    T* out = y.GetTensorMutableData<T>();
+    if (d == 0) {
+      std::fill(out, out + n * c, T(0));
+    } else {
+      const OrtValue* inputs[] = {static_cast<const OrtValue*>(x), static_cast<const OrtValue*>(w)};
+      OrtValue* outputs[] = {static_cast<OrtValue*>(y)};
+      gemm_.Invoke(context, inputs, 2, outputs, 1);
+    }
+    if (!labels) return nullptr;
+    const T* xp = x.GetTensorData<T>();
+    const T* wp = w.GetTensorData<T>();
+    if (label_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) {
+      return apply_margin<T, int64_t>(xp, wp, labels.GetTensorData<int64_t>(), out, n, d, c,
+                                      margin_, lambda_);
+    }
+    return apply_margin<T, int32_t>(xp, wp, labels.GetTensorData<int32_t>(), out, n, d, c,
+                                    margin_, lambda_);
+  });
+}
+
+template <typename T>
+LSoftmaxLinearOp<T>::LSoftmaxLinearOp() {
+  // Declare the oldest API whose OrtCustomOp fields we fill, so every runtime from that
+  // version on reads the op the same way (CustomOpBase would claim the headers' version).
+  OrtCustomOp::version = kMinOrtApiVersion;
+}
+
+template <typename T>
+OrtStatus* LSoftmaxLinearOp<T>::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info,
+                                               void** kernel) const {
+  return guarded(kLSoftmaxLinear, [&]() -> OrtStatus* {
+    int64_t margin = 0;
+    if (!try_attribute(info, "margin", &margin)) {
+      return invalid_argument(kLSoftmaxLinear,
+                              "attribute 'margin' (an int >= 1) is required and must be an int");
+    }
+    float lambda = kLSoftmaxLinearDefaultLambda;
+    if (!try_attribute(info, "lambda", &lambda)) {
+      // Absent means the default; an int-typed lambda is a model error, not a default.
+      int64_t as_int = 0;
+      if (try_attribute(info, "lambda", &as_int)) {
+        return invalid_argument(kLSoftmaxLinear, "attribute 'lambda' must be a float, got an int");
+      }
+    }
+    const lsoftmax::Status s = lsoftmax::validate_margin_params(margin, lambda);
+    if (!s.ok()) return invalid_argument(kLSoftmaxLinear, "attribute " + s.message());
+    *kernel = new LSoftmaxLinearKernel<T>(make_gemm<T>(info), margin, lambda);
+    return nullptr;
+  });
+}
+
+template <typename T>
+ONNXTensorElementDataType LSoftmaxLinearOp<T>::GetInputType(size_t index) const {
+  // labels: any type here, so that float labels get a run-time error naming the input rather
+  // than a graph error about a missing kernel.
+  return index < 2 ? onnx_type<T>() : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
+template <typename T>
+OrtCustomOpInputOutputCharacteristic LSoftmaxLinearOp<T>::GetInputCharacteristic(
+    size_t index) const {
+  return index == 2 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                    : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+}
+
+std::vector<const OrtCustomOp*> LSoftmaxLinearCpuOps() {
+  static const LSoftmaxLinearOp<float> op_f32;
+  static const LSoftmaxLinearOp<double> op_f64;
+  return {&op_f32, &op_f64};
+}
+
+template class LSoftmaxLinearKernel<float>;
+template class LSoftmaxLinearKernel<double>;
+template struct LSoftmaxLinearOp<float>;
+template struct LSoftmaxLinearOp<double>;
+
+}  // namespace lsoftmax_ort

@@ -1,0 +1,48 @@
+// ai.lsoftmax::LSoftmaxLinear (CPU): logits[N, C] = X[N, D] W[C, D]^T, and with the optional
+// labels[N] the L-Softmax margin on each row's target logit.
+//
+// Attributes: margin (int, required, >= 1) and lambda (float, default 0.0, >= 0). The model-local
+// function that exporters attach to this op uses the same defaults.
+// The N x D x C product is ORT's own Gemm (created once per kernel, invoked from Compute); the
+// per-row margin work is lsoftmax::margin_forward from the core.
+#pragma once
+
+#include <vector>
+
+#include "ort_utils.h"
+
+namespace lsoftmax_ort {
+
+constexpr const char* kLSoftmaxLinear = "LSoftmaxLinear";
+constexpr float kLSoftmaxLinearDefaultLambda = 0.0f;
+
+template <typename T>
+class LSoftmaxLinearKernel {
+ public:
+  LSoftmaxLinearKernel(Ort::Op gemm, int64_t margin, double lambda)
+      : gemm_(std::move(gemm)), margin_(margin), lambda_(lambda) {}
+  OrtStatus* ComputeV2(OrtKernelContext* context);
+
+ private:
+  Ort::Op gemm_;
+  int64_t margin_;
+  double lambda_;
+};
+
+template <typename T>
+struct LSoftmaxLinearOp
+    : Ort::CustomOpBase<LSoftmaxLinearOp<T>, LSoftmaxLinearKernel<T>, /*WithStatus=*/true> {
+  LSoftmaxLinearOp();
+  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+  const char* GetName() const { return kLSoftmaxLinear; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t index) const;
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return onnx_type<T>(); }
+};
+
+// The CPU ops (float32 and float64), static objects that live as long as the library.
+std::vector<const OrtCustomOp*> LSoftmaxLinearCpuOps();
+
+}  // namespace lsoftmax_ort
