@@ -35,6 +35,13 @@ void check_margin_arg(const py::handle& margin) {
     throw py::type_error("margin must be an int, got " +
                          py::str(py::type::of(margin)).cast<std::string>());
   }
+  // An int beyond int64 would otherwise fail the cast below with a bare RuntimeError.
+  int overflow = 0;
+  PyLong_AsLongLongAndOverflow(margin.ptr(), &overflow);
+  if (overflow != 0) {
+    throw py::value_error("margin must be an integer in [1, 2^20], got " +
+                          py::str(margin).cast<std::string>());
+  }
 }
 
 py::object margin_forward_py(py::array logits, py::array x_in, py::array w_in, py::array labels_in,

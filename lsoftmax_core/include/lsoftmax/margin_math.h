@@ -92,7 +92,9 @@ LSOFTMAX_HD T margin_logit(T f, T norm_x, T norm_w, int m, T lam) {
   if (m == 1 || is_degenerate(norm_x, norm_w)) return f;
   const T prod = norm_x * norm_w;
   const PsiTerms<T> p = psi_terms(m, clamp_cos(f / prod));
-  return (lam * f + prod * p.psi) / (T(1) + lam);
+  // f + (|x||w| psi - f) / (1 + lambda) rather than (lambda f + |x||w| psi) / (1 + lambda): the
+  // same value, but lambda = inf (or a lambda that overflows T) gives f instead of inf/inf = NaN.
+  return f + (prod * p.psi - f) / (T(1) + lam);
 }
 
 // Backward coefficients of one row, for an incoming gradient G = dL/dg of the target logit.
