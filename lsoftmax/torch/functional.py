@@ -74,6 +74,8 @@ def lsoftmax_logits(
     check_inputs(x, weight, target)
     margin = check_margin(margin)
     if isinstance(lam, Tensor):
+        if lam.dim() != 0:
+            raise ValueError(f"lam must be a float or a 0-d tensor, got shape {tuple(lam.shape)}")
         if target is None:
             return torch.ops.lsoftmax.linear(x, weight, None, margin, 0.0)
         return torch.ops.lsoftmax.margin_linear(x, weight, target, lam.to(torch.float64), margin)

@@ -21,7 +21,16 @@ from lsoftmax.torch import _kernels
 __all__ = ["linear", "linear_backward", "margin_linear", "schedule_lambda"]
 
 
+def _check_pair(x: Tensor, weight: Tensor) -> None:
+    # Called ops directly get the same named errors as the functional form (the core checks the
+    # labels, margin and lambda); imported here because functional imports this module.
+    from lsoftmax.torch.functional import check_inputs
+
+    check_inputs(x, weight, None)
+
+
 def _forward(x: Tensor, weight: Tensor, labels: Tensor | None, margin: int, lam: float) -> Tensor:
+    _check_pair(x, weight)
     logits = torch.mm(x, weight.t())
     if labels is not None:
         _kernels.margin_forward_(logits, x, weight, labels, margin, lam)
@@ -29,6 +38,7 @@ def _forward(x: Tensor, weight: Tensor, labels: Tensor | None, margin: int, lam:
 
 
 def _fake_logits(x: Tensor, weight: Tensor) -> Tensor:
+    _check_pair(x, weight)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -99,6 +109,8 @@ linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 @torch.library.custom_op("lsoftmax::margin_linear", mutates_args=())
 def margin_linear(x: Tensor, weight: Tensor, labels: Tensor, lam: Tensor, margin: int) -> Tensor:
+    if lam.numel() != 1:
+        raise ValueError(f"lam must be a 0-d tensor, got shape {tuple(lam.shape)}")
     return _forward(x, weight, labels, margin, lam.item())
 
 
