@@ -1,7 +1,268 @@
+// The L-GM part of lsoftmax._core: the core's assembly steps on numpy arrays. The caller (the
+// numpy API in lsoftmax/lgm_core.py, the torch ops) runs the GEMMs between them; see lgm.h.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "array_views.h"
 #include "bindings.h"
+#include "lsoftmax/lgm.h"
+#include "lsoftmax/schedules.h"
 
 namespace lsoftmax::python {
+namespace {
 
-void bind_lgm(pybind11::module_& /*m*/) {}
+namespace py = pybind11;
+
+template <typename F>
+auto dispatch_float(FloatKind fk, F&& f) {
+  if (fk == FloatKind::kFloat32) return f(float{});
+  return f(double{});
+}
+
+// Labels are optional (None): the dispatch then uses int64 with a null view.
+template <typename F>
+auto dispatch_labels(const py::object& labels, F&& f) {
+  if (labels.is_none()) return f(LabelView<int64_t>{});
+  py::array arr = as_strided_input(py::array::ensure(labels));
+  if (!arr) throw py::type_error("labels must be an integer array");
+  const LabelKind lk = label_kind(arr);
+  if (lk == LabelKind::kInt32) return f(label_view<int32_t>(arr));
+  return f(label_view<int64_t>(arr));
+}
+
+// 1-D arrays: an input of the right dtype is made contiguous if it is not; an output must be.
+template <typename T>
+py::array_t<T> vector_in(const char* name, const py::array& a, int64_t size,
+                         const py::array& ref, const char* ref_name) {
+  require_ndim(name, a, 1);
+  require_same_dtype(name, a, ref_name, ref);
+  if (a.shape(0) != size) {
+    throw py::value_error(std::string(name) + " has " + std::to_string(a.shape(0)) +
+                          " entries, expected " + std::to_string(size));
+  }
+  return py::array_t<T, py::array::c_style>::ensure(a);
+}
+
+template <typename T>
+T* vector_out(const char* name, py::array& a, int64_t size, const py::array& ref,
+              const char* ref_name) {
+  require_ndim(name, a, 1);
+  require_same_dtype(name, a, ref_name, ref);
+  if (a.shape(0) != size) {
+    throw py::value_error(std::string(name) + " has " + std::to_string(a.shape(0)) +
+                          " entries, expected " + std::to_string(size));
+  }
+  if (!a.writeable()) throw py::value_error(std::string(name) + " must be writeable");
+  if (a.shape(0) > 1 && a.strides(0) != static_cast<py::ssize_t>(sizeof(T))) {
+    throw py::value_error(std::string(name) + " must be contiguous");
+  }
+  return static_cast<T*>(a.mutable_data());
+}
+
+template <typename T>
+py::array_t<T> new_matrix(int64_t rows, int64_t cols) {
+  return py::array_t<T>({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)});
+}
+
+py::object log_var_from_variances_py(py::array v_in) {
+  py::array v = as_strided_input(v_in);
+  return dispatch_float(float_kind("variances", v), [&](auto tag) -> py::object {
+    using T = decltype(tag);
+    auto vv = const_matrix<T>("variances", v);
+    py::array out = new_matrix<T>(vv.rows, vv.cols);
+    auto ov = mutable_matrix<T>("log_var", out);
+    raise_if_error(lgm_log_var_from_variances<T>(vv, ov));
+    return out;
+  });
+}
+
+py::tuple prepare_py(py::array means_in, py::array lv_in) {
+  py::array means = as_strided_input(means_in), lv = as_strided_input(lv_in);
+  const FloatKind fk = float_kind("means", means);
+  require_same_dtype("log_var", lv, "means", means);
+  return dispatch_float(fk, [&](auto tag) -> py::tuple {
+    using T = decltype(tag);
+    auto mv = const_matrix<T>("means", means);
+    auto lvv = const_matrix<T>("log_var", lv);
+    py::array_t<T> offset(static_cast<py::ssize_t>(mv.cols));
+    py::array prec = new_matrix<T>(lvv.rows, lvv.cols);
+    py::array scaled = new_matrix<T>(mv.rows, mv.cols);
+    auto pv = mutable_matrix<T>("precision", prec);
+    auto sv = mutable_matrix<T>("scaled_means", scaled);
+    Status s;
+    {
+      py::gil_scoped_release release;
+      s = lgm_prepare<T>(mv, lvv, offset.mutable_data(), pv, sv);
+    }
+    raise_if_error(s);
+    return py::make_tuple(offset, prec, scaled);
+  });
+}
+
+int64_t forward_py(py::array logits, py::array loglik, py::array x_in, py::array means_in,
+                   py::array lv_in, py::array offset_in, py::object sq_obj, py::object labels,
+                   double alpha, bool include_logdet) {
+  py::array x = as_strided_input(x_in), means = as_strided_input(means_in),
+            lv = as_strided_input(lv_in);
+  const FloatKind fk = float_kind("logits", logits);
+  require_same_dtype("x", x, "logits", logits);
+  require_same_dtype("means", means, "logits", logits);
+  require_same_dtype("log_var", lv, "logits", logits);
+  const bool has_sq = !sq_obj.is_none();
+  py::array sq;
+  if (has_sq) {
+    sq = as_strided_input(py::array::ensure(sq_obj));
+    if (!sq) throw py::type_error("sq_term must be an array or None");
+    require_same_dtype("sq_term", sq, "logits", logits);
+  }
+  return dispatch_float(fk, [&](auto tag) -> int64_t {
+    using T = decltype(tag);
+    auto xv = const_matrix<T>("x", x);
+    auto mv = const_matrix<T>("means", means);
+    auto lvv = const_matrix<T>("log_var", lv);
+    auto out = mutable_matrix<T>("logits", logits);
+    auto off = vector_in<T>("offset", offset_in, mv.cols, logits, "logits");
+    T* ll = vector_out<T>("loglik", loglik, xv.rows, logits, "logits");
+    MatrixView<const T> sqv;
+    if (has_sq) sqv = const_matrix<T>("sq_term", sq);
+    return dispatch_labels(labels, [&](auto lview) -> int64_t {
+      using L = std::remove_const_t<std::remove_pointer_t<decltype(lview.data)>>;
+      int64_t n_direct = 0;
+      Status s;
+      {
+        py::gil_scoped_release release;
+        s = lgm_forward<T, L>(xv, mv, lvv, off.data(), sqv, lview, out, ll, alpha,
+                              include_logdet, &n_direct);
+      }
+      raise_if_error(s);
+      return n_direct;
+    });
+  });
+}
+
+py::tuple backward_coeffs_py(py::array grad_in, py::object grad_ll_obj, py::array logits_in,
+                             py::array lv_in, int64_t feat_dim, py::object labels, double alpha,
+                             bool include_logdet) {
+  py::array grad = as_strided_input(grad_in), logits = as_strided_input(logits_in),
+            lv = as_strided_input(lv_in);
+  const FloatKind fk = float_kind("grad_logits", grad);
+  require_same_dtype("logits", logits, "grad_logits", grad);
+  require_same_dtype("log_var", lv, "grad_logits", grad);
+  return dispatch_float(fk, [&](auto tag) -> py::tuple {
+    using T = decltype(tag);
+    auto gv = const_matrix<T>("grad_logits", grad);
+    auto zv = const_matrix<T>("logits", logits);
+    auto lvv = const_matrix<T>("log_var", lv);
+    py::array_t<T> gll;
+    if (!grad_ll_obj.is_none()) {
+      gll = vector_in<T>("grad_loglik", py::array::ensure(grad_ll_obj), gv.rows, grad,
+                         "grad_logits");
+    }
+    py::array coeff = new_matrix<T>(gv.rows, gv.cols);
+    py::array_t<T> colsum(static_cast<py::ssize_t>(gv.cols)), grad_h(static_cast<py::ssize_t>(gv.cols));
+    auto cv = mutable_matrix<T>("coeff", coeff);
+    const T* gll_ptr = grad_ll_obj.is_none() ? nullptr : gll.data();
+    dispatch_labels(labels, [&](auto lview) {
+      using L = std::remove_const_t<std::remove_pointer_t<decltype(lview.data)>>;
+      Status s;
+      {
+        py::gil_scoped_release release;
+        s = lgm_backward_coeffs<T, L>(gv, gll_ptr, zv, lvv, feat_dim, lview, alpha,
+                                      include_logdet, cv, colsum.mutable_data(),
+                                      grad_h.mutable_data());
+      }
+      raise_if_error(s);
+      return 0;
+    });
+    return py::make_tuple(coeff, colsum, grad_h);
+  });
+}
+
+py::tuple backward_assemble_py(py::array x_in, py::array means_in, py::array lv_in,
+                               py::array offset_in, py::array colsum_in, py::array grad_h_in,
+                               py::array wp_in, py::array wmp_in, py::array wtx_in,
+                               py::array wtx2_in) {
+  py::array x = as_strided_input(x_in), means = as_strided_input(means_in),
+            lv = as_strided_input(lv_in), wp = as_strided_input(wp_in),
+            wmp = as_strided_input(wmp_in), wtx = as_strided_input(wtx_in),
+            wtx2 = as_strided_input(wtx2_in);
+  const FloatKind fk = float_kind("x", x);
+  for (const auto& [name, a] : {std::pair<const char*, py::array*>{"means", &means},
+                                {"log_var", &lv},
+                                {"wp", &wp},
+                                {"wmp", &wmp},
+                                {"wtx", &wtx},
+                                {"wtx2", &wtx2}}) {
+    require_same_dtype(name, *a, "x", x);
+  }
+  return dispatch_float(fk, [&](auto tag) -> py::tuple {
+    using T = decltype(tag);
+    auto xv = const_matrix<T>("x", x);
+    auto mv = const_matrix<T>("means", means);
+    auto lvv = const_matrix<T>("log_var", lv);
+    auto off = vector_in<T>("offset", offset_in, mv.cols, x, "x");
+    auto cs = vector_in<T>("colsum", colsum_in, mv.rows, x, "x");
+    auto gh = vector_in<T>("grad_h", grad_h_in, mv.rows, x, "x");
+    auto wpv = const_matrix<T>("wp", wp);
+    auto wmpv = const_matrix<T>("wmp", wmp);
+    auto wtxv = const_matrix<T>("wtx", wtx);
+    auto wtx2v = const_matrix<T>("wtx2", wtx2);
+    py::array gx = new_matrix<T>(xv.rows, xv.cols);
+    py::array gm = new_matrix<T>(mv.rows, mv.cols);
+    py::array glv = new_matrix<T>(lvv.rows, lvv.cols);
+    auto gxv = mutable_matrix<T>("grad_x", gx);
+    auto gmv = mutable_matrix<T>("grad_means", gm);
+    auto glvv = mutable_matrix<T>("grad_log_var", glv);
+    Status s;
+    {
+      py::gil_scoped_release release;
+      s = lgm_backward_assemble<T>(xv, mv, lvv, off.data(), cs.data(), gh.data(), wpv, wmpv,
+                                   wtxv, wtx2v, gxv, gmv, glvv);
+    }
+    raise_if_error(s);
+    return py::make_tuple(gx, gm, glv);
+  });
+}
+
+}  // namespace
+
+void bind_lgm(pybind11::module_& m) {
+  m.def("lgm_log_var_from_variances", &log_var_from_variances_py, py::arg("variances"),
+        "log(variances), after checking every variance is finite and > 0.");
+  m.def("lgm_prepare", &prepare_py, py::arg("means"), py::arg("log_var"),
+        "(offset, precision, scaled_means): the common offset (mean of the class means), "
+        "exp(-log_var) and (means - offset) * precision, for the host's GEMMs.");
+  m.def("lgm_forward_", &forward_py, py::arg("logits"), py::arg("loglik"), py::arg("x"),
+        py::arg("means"), py::arg("log_var"), py::arg("offset"), py::arg("sq_term"),
+        py::arg("labels"), py::arg("alpha"), py::arg("include_logdet"),
+        "In place: logits holds (x - offset) @ scaled_means.T and becomes the L-GM logits; "
+        "loglik (N,) receives the log-likelihood of the label (or of the predicted class without "
+        "labels). sq_term is (x - offset)**2 @ precision.T for diagonal variances, None for "
+        "isotropic ones. Returns how many entries were recomputed from direct differences.");
+  m.def("lgm_backward_coeffs", &backward_coeffs_py, py::arg("grad_logits"),
+        py::arg("grad_loglik"), py::arg("logits"), py::arg("log_var"), py::arg("feat_dim"),
+        py::arg("labels"), py::arg("alpha"), py::arg("include_logdet"),
+        "(coeff, colsum, grad_h): W = dL/dd (N, C), its column sums and dL/dh (C,).");
+  m.def("lgm_backward_assemble", &backward_assemble_py, py::arg("x"), py::arg("means"),
+        py::arg("log_var"), py::arg("offset"), py::arg("colsum"), py::arg("grad_h"),
+        py::arg("wp"), py::arg("wmp"), py::arg("wtx"), py::arg("wtx2"),
+        "(grad_x, grad_means, grad_log_var) from W @ precision, W @ scaled_means, "
+        "W.T @ (x - offset) and W.T @ (x - offset)**2 (isotropic: its row sums).");
+  m.def("validate_lgm_alpha", [](double a) { raise_if_error(validate_lgm_alpha(a)); },
+        py::arg("alpha"));
+  m.def("validate_lgm_lambda", [](double l) { raise_if_error(validate_lgm_lambda(l)); },
+        py::arg("lambda_lkd"));
+  m.def("stepup_value", [](double value, double gamma, int64_t step, double max_value,
+                           int64_t it) {
+    raise_if_error(validate_stepup(value, gamma, step, max_value));
+    if (it < 0) throw py::value_error("it must be >= 0, got " + std::to_string(it));
+    return stepup_value(value, gamma, step, max_value, it);
+  }, py::arg("value"), py::arg("gamma"), py::arg("step"), py::arg("max_value"), py::arg("it"));
+}
 
 }  // namespace lsoftmax::python

@@ -55,4 +55,20 @@ Status validate_scaled(double beta, double scale, double beta_min) {
 
 Status validate_constant(double value) { return must_be_nonneg("value", value); }
 
+double stepup_value(double value, double gamma, int64_t step, double max_value, int64_t it) {
+  const double times = static_cast<double>(it / step);
+  return std::min(max_value, value * std::pow(gamma, times));
+}
+
+Status validate_stepup(double value, double gamma, int64_t step, double max_value) {
+  for (const auto& [name, v] : {std::pair<const char*, double>{"value", value},
+                                {"gamma", gamma},
+                                {"max_value", max_value}}) {
+    Status s = must_be_nonneg(name, v);
+    if (!s.ok()) return s;
+  }
+  if (step < 1) return Status::InvalidArgument("step must be >= 1, got " + std::to_string(step));
+  return Status::Ok();
+}
+
 }  // namespace lsoftmax

@@ -19,4 +19,9 @@ Status validate_exponential(double base, double gamma, double power, double lamb
 Status validate_scaled(double beta, double scale, double beta_min);
 Status validate_constant(double value);
 
+// The L-GM margin schedule (Caffe ParamParameter policy STEPUP): the start value multiplied by
+// gamma once every `step` steps, capped at max_value: min(max_value, value * gamma^floor(it/step)).
+double stepup_value(double value, double gamma, int64_t step, double max_value, int64_t it);
+Status validate_stepup(double value, double gamma, int64_t step, double max_value);
+
 }  // namespace lsoftmax

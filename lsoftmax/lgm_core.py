@@ -1,0 +1,148 @@
+"""The numpy API of the L-GM core: GEMMs by numpy, the assembly by the C++ core.
+
+>>> import numpy as np
+>>> from lsoftmax import lgm_core
+>>> rng = np.random.default_rng(0)
+>>> x, means = rng.standard_normal((8, 4)), rng.standard_normal((3, 4))
+>>> log_var = np.zeros((3, 4))
+>>> y = rng.integers(0, 3, 8)
+>>> logits, loglik = lgm_core.lgm_forward(x, means, log_var, y, alpha=1.0)
+>>> gx, gm, glv = lgm_core.lgm_backward(
+...     np.ones_like(logits), None, logits, x, means, log_var, y, alpha=1.0)
+
+Logits ``z_ik = -(1 + alpha [k = y_i]) d_ik - [include_logdet] 1/2 log|V_k|`` with
+``d_ik = 1/2 sum_j (x_ij - mu_kj)^2 / v_kj``; ``loglik[i] = -(d_ic + 1/2 log|V_c|)`` for the label
+``c = y_i``, or for the predicted class when no labels are given. ``log_var`` is ``(C, D)``
+(diagonal variances) or ``(C, 1)`` (isotropic). See docs/lgm.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from lsoftmax import _core
+
+__all__ = ["lgm_backward", "lgm_forward", "log_var_from_variances"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _float_matrix(name: str, a: Any) -> NDArray[Any]:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    return a
+
+
+def _labels(labels: Any) -> NDArray[Any] | None:
+    if labels is None:
+        return None
+    arr = np.asarray(labels)
+    if arr.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+        raise TypeError(f"labels must be int32 or int64, got {arr.dtype}")
+    return arr
+
+
+def _check(x: NDArray[Any], means: NDArray[Any], log_var: NDArray[Any]) -> None:
+    for name, a in (("means", means), ("log_var", log_var)):
+        if a.dtype != x.dtype:
+            raise TypeError(f"{name} is {a.dtype} but x is {x.dtype}; they must match")
+    if x.shape[1] != means.shape[1]:
+        raise ValueError(
+            f"x has {x.shape[1]} features but means has {means.shape[1]} "
+            "(means must be (num_classes, feat_dim))"
+        )
+
+
+def log_var_from_variances(variances: NDArray[Any]) -> NDArray[Any]:
+    """``log(variances)`` after checking that every variance is finite and > 0."""
+    return _core.lgm_log_var_from_variances(_float_matrix("variances", variances))
+
+
+def _diagonal(x: NDArray[Any], log_var: NDArray[Any]) -> bool:
+    return log_var.shape[1] == x.shape[1]
+
+
+def lgm_forward(
+    x: NDArray[Any],
+    means: NDArray[Any],
+    log_var: NDArray[Any] | None = None,
+    labels: Any = None,
+    *,
+    alpha: float = 0.0,
+    include_logdet: bool = True,
+    variances: NDArray[Any] | None = None,
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """``(logits, loglik)``; the margin ``alpha`` applies to the label's logit when labels are given.
+
+    Give either ``log_var`` or ``variances`` (then checked to be > 0).
+    """
+    x = _float_matrix("x", x)
+    means = _float_matrix("means", means)
+    if (log_var is None) == (variances is None):
+        raise ValueError("give exactly one of log_var and variances")
+    if variances is not None:
+        log_var = log_var_from_variances(variances)
+    assert log_var is not None
+    log_var = _float_matrix("log_var", log_var)
+    _check(x, means, log_var)
+    _core.validate_lgm_alpha(alpha)
+    offset, precision, scaled_means = _core.lgm_prepare(means, log_var)
+    xc = x - offset
+    logits = xc @ scaled_means.T
+    sq_term = np.square(xc) @ precision.T if _diagonal(x, log_var) else None
+    loglik = np.empty(x.shape[0], dtype=x.dtype)
+    _core.lgm_forward_(
+        logits, loglik, x, means, log_var, offset, sq_term, _labels(labels), alpha, include_logdet
+    )
+    return logits, loglik
+
+
+def lgm_backward(
+    grad_logits: NDArray[Any],
+    grad_loglik: NDArray[Any] | None,
+    logits: NDArray[Any],
+    x: NDArray[Any],
+    means: NDArray[Any],
+    log_var: NDArray[Any],
+    labels: Any = None,
+    *,
+    alpha: float = 0.0,
+    include_logdet: bool = True,
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
+    """``(grad_x, grad_means, grad_log_var)`` for incoming gradients of ``lgm_forward``'s outputs.
+
+    ``logits`` is ``lgm_forward``'s output for the same inputs (it fixes the predicted class of
+    rows without labels); ``grad_loglik`` may be None.
+    """
+    grad_logits = _float_matrix("grad_logits", grad_logits)
+    logits = _float_matrix("logits", logits)
+    x = _float_matrix("x", x)
+    means = _float_matrix("means", means)
+    log_var = _float_matrix("log_var", log_var)
+    _check(x, means, log_var)
+    expected = (x.shape[0], means.shape[0])
+    for name, a in (("grad_logits", grad_logits), ("logits", logits)):
+        if a.dtype != x.dtype:
+            raise TypeError(f"{name} is {a.dtype} but x is {x.dtype}; they must match")
+        if a.shape != expected:
+            raise ValueError(f"{name} has shape {a.shape}, expected {expected}")
+    offset, precision, scaled_means = _core.lgm_prepare(means, log_var)
+    coeff, colsum, grad_h = _core.lgm_backward_coeffs(
+        grad_logits, grad_loglik, logits, log_var, x.shape[1], _labels(labels), alpha,
+        include_logdet,
+    )
+    xc = x - offset
+    sq = np.square(xc)
+    if not _diagonal(x, log_var):
+        sq = sq.sum(axis=1, keepdims=True)
+    return _core.lgm_backward_assemble(
+        x, means, log_var, offset, colsum, grad_h,
+        coeff @ precision, coeff @ scaled_means, coeff.T @ xc, coeff.T @ sq,
+    )
