@@ -1,0 +1,136 @@
+"""Post-export rewrites of the ``ai.lsoftmax`` nodes of an ONNX model.
+
+- ``attach_functions``: add model-local ``FunctionProto``s (standard-op bodies from
+  ``portable.BUILDERS``) so that ONNX Runtime runs our kernel when the library is registered and
+  the body otherwise. The dynamo exporter inlines onnxscript functions, so they are added here.
+- ``inline_portable``: replace every ``ai.lsoftmax`` node by the same standard-op body.
+
+A body is specialized on what ONNX functions cannot branch on: the margin (the Chebyshev
+recurrence is unrolled for it) and whether labels are given; ``lambda`` stays an attribute
+reference. When a model holds nodes of several such variants, each gets its own function
+``overload`` (IR version 10).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx
+from lsoftmax.exporters.domain import DOMAIN, DOMAIN_VERSION
+from lsoftmax.exporters.portable import BUILDERS, AttrRef, NodeBuilder
+from lsoftmax.exporters.translations import LSOFTMAX_LINEAR_DEFAULT_LAMBDA
+from onnx import helper
+
+__all__ = ["attach_functions", "custom_nodes", "inline_portable"]
+
+# op_type -> (input names, required attributes, attribute defaults): the function signature.
+_SIGNATURES: dict[str, tuple[list[str], list[str], dict[str, float]]] = {
+    "LSoftmaxLinear": (
+        ["X", "W", "labels"],
+        ["margin"],
+        {"lambda": LSOFTMAX_LINEAR_DEFAULT_LAMBDA},
+    ),
+}
+# Attributes a body is specialized on (baked in), per op_type.
+_SPECIALIZED: dict[str, tuple[str, ...]] = {"LSoftmaxLinear": ("margin",)}
+
+
+def custom_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        if node.domain == DOMAIN:
+            yield node
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ValueError("model has no default-domain opset import")
+
+
+def _variant(node: onnx.NodeProto) -> tuple[str, tuple[object, ...], bool]:
+    attrs = _attrs(node)
+    spec = tuple(attrs.get(name) for name in _SPECIALIZED.get(node.op_type, ()))
+    has_optional = len(node.input) > 2 and bool(node.input[2])
+    return node.op_type, spec, has_optional
+
+
+def _make_function(
+    op_type: str, spec: tuple[object, ...], has_labels: bool, opset: int, overload: str
+) -> onnx.FunctionProto:
+    inputs, required, defaults = _SIGNATURES[op_type]
+    b = NodeBuilder()
+    attrs: dict[str, object] = dict(zip(_SPECIALIZED.get(op_type, ()), spec, strict=True))
+    for name in defaults:
+        attrs[name] = AttrRef(name)
+    used_inputs: list[str | None] = list(inputs) if has_labels else [*inputs[:2], None]
+    BUILDERS[op_type](b, used_inputs, "Y", attrs)
+    fn = helper.make_function(
+        DOMAIN,
+        op_type,
+        inputs=inputs,
+        outputs=["Y"],
+        nodes=b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=required,
+        attribute_protos=[helper.make_attribute(k, v) for k, v in defaults.items()],
+        doc_string=f"Standard-op body of {DOMAIN}::{op_type} (used when the lsoftmax ONNX "
+        "Runtime library is not registered).",
+    )
+    if overload:
+        fn.overload = overload
+    return fn
+
+
+def _overload_name(spec: tuple[object, ...], has_labels: bool) -> str:
+    parts = [f"m{v}" for v in spec] + ["labels" if has_labels else "plain"]
+    return "_".join(parts)
+
+
+def attach_functions(model: onnx.ModelProto) -> int:
+    """Add the model-local functions in place; returns the IR version the model needs."""
+    opset = _default_opset(model)
+    variants: dict[tuple[str, tuple[object, ...], bool], list[onnx.NodeProto]] = {}
+    for node in custom_nodes(model.graph):
+        if node.op_type not in _SIGNATURES:
+            raise ValueError(f"no function body known for {DOMAIN}::{node.op_type}")
+        variants.setdefault(_variant(node), []).append(node)
+    per_op: dict[str, int] = {}
+    for op_type, _, _ in variants:
+        per_op[op_type] = per_op.get(op_type, 0) + 1
+    need_overloads = any(n > 1 for n in per_op.values())
+    for (op_type, spec, has_labels), nodes in variants.items():
+        overload = _overload_name(spec, has_labels) if per_op[op_type] > 1 else ""
+        model.functions.append(_make_function(op_type, spec, has_labels, opset, overload))
+        for node in nodes:
+            if overload:
+                node.overload = overload
+    if not any(i.domain == DOMAIN for i in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    # Function attribute defaults need IR 9; per-node overloads IR 10.
+    return 10 if need_overloads else 9
+
+
+def inline_portable(model: onnx.ModelProto) -> None:
+    """Replace every ``ai.lsoftmax`` node by its standard-op body, in place."""
+    new_nodes: list[onnx.NodeProto] = []
+    for i, node in enumerate(model.graph.node):
+        if node.domain != DOMAIN:
+            new_nodes.append(node)
+            continue
+        build = BUILDERS.get(node.op_type)
+        if build is None:
+            raise ValueError(f"no standard-op form known for {DOMAIN}::{node.op_type}")
+        b = NodeBuilder(prefix=f"{node.name or node.op_type}_{i}/")
+        attrs = {**_SIGNATURES[node.op_type][2], **_attrs(node)}
+        build(b, list(node.input), node.output[0], attrs)
+        new_nodes.extend(b.nodes)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    kept = [i for i in model.opset_import if i.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)

@@ -1,0 +1,142 @@
+"""Standard-ONNX bodies of the ``ai.lsoftmax`` ops: the one home of their portable form.
+
+The same builders produce the ``"portable"`` export (the custom nodes replaced by these nodes,
+with constant attributes) and the model-local ``FunctionProto`` bodies of the ``"function"``
+export (attributes referenced with ``ref_attr_name``). The math mirrors the core's
+(``lsoftmax_core/include/lsoftmax/margin_math.h``); the parity tests hold them together.
+
+Adding an op: write ``def build_<op>(b, inputs, output, attrs)`` here and add it to ``BUILDERS``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["BUILDERS", "AttrRef", "NodeBuilder", "build_lsoftmax_linear"]
+
+# Norms below sqrt(FLT_MIN) make a row degenerate (no margin), as in the core's float path.
+# The core uses sqrt(DBL_MIN) for float64; only rows with norms in between (~1e-154..1e-19)
+# could tell the difference.
+_DEGENERATE_NORM = float(np.sqrt(np.finfo(np.float32).tiny))
+
+
+@dataclass(frozen=True)
+class AttrRef:
+    """A float attribute of the enclosing function (``ref_attr_name``), not a constant."""
+
+    name: str
+
+
+class NodeBuilder:
+    """Collects standard-op nodes; names are prefixed so several bodies can share a graph."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, output: str | None = None, **attrs: object) -> str:
+        out = output if output is not None else self.fresh(op_type.lower())
+        name = f"{self.prefix}{op_type}_{self._count}_{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=name, **attrs))
+        return out
+
+    def int64(self, values: Sequence[int]) -> str:
+        arr = np.asarray(values, dtype=np.int64)
+        return self.op("Constant", value=numpy_helper.from_array(arr))
+
+    def like(self, values: float | Sequence[float], like: str) -> str:
+        """A float constant (stored in float64) cast to the element type of ``like``."""
+        arr = np.asarray(values, dtype=np.float64)
+        const = self.op("Constant", value=numpy_helper.from_array(arr))
+        return self.op("CastLike", const, like)
+
+    def scalar(self, value: float | AttrRef, like: str) -> str:
+        if isinstance(value, AttrRef):
+            attr = onnx.AttributeProto(
+                name="value_float", ref_attr_name=value.name, type=onnx.AttributeProto.FLOAT
+            )
+            node = helper.make_node("Constant", [], [self.fresh("attr")])
+            node.attribute.append(attr)
+            node.name = f"{self.prefix}Constant_{value.name}_{len(self.nodes)}"
+            self.nodes.append(node)
+            return self.op("CastLike", node.output[0], like)
+        # Attributes are float32 in ONNX, so the constant path rounds the same way.
+        return self.like(float(np.float32(value)), like)
+
+
+def build_lsoftmax_linear(
+    b: NodeBuilder,
+    inputs: Sequence[str | None],
+    output: str,
+    attrs: Mapping[str, object],
+) -> None:
+    """``LSoftmaxLinear(X[N,D], W[C,D], labels[N]?) -> Y[N,C]`` in standard ops.
+
+    ``attrs``: ``margin`` (int) and ``lambda`` (float or ``AttrRef``). Without labels, or with
+    margin 1, this is one Gemm; otherwise the target logit of each row becomes
+    ``(lambda f + |x||w| psi(c)) / (1 + lambda)`` with ``psi = (-1)^k T_m(c) - 2k``.
+    """
+    x, w = inputs[0], inputs[1]
+    labels = inputs[2] if len(inputs) > 2 and inputs[2] else None
+    assert x is not None and w is not None
+    margin = int(attrs["margin"])  # type: ignore[call-overload]
+    lam = attrs.get("lambda", 0.0)
+    assert isinstance(lam, (float, int, AttrRef))
+    if margin < 1:
+        raise ValueError(f"margin must be >= 1, got {margin}")
+    if not isinstance(lam, AttrRef) and (math.isnan(lam) or lam < 0):
+        raise ValueError(f"lambda must be >= 0 (and not NaN), got {lam}")
+    plain = labels is None or margin == 1
+    logits = b.op(
+        "Gemm", x, w, output=output if plain else None, alpha=1.0, beta=0.0, transA=0, transB=1
+    )
+    if plain:
+        return
+    assert labels is not None
+    idx = b.op("Unsqueeze", labels, b.int64([1]))  # [N, 1]
+    f = b.op("GatherElements", logits, idx, axis=1)  # target logits [N, 1]
+    w_t = b.op("Gather", w, labels, axis=0)  # target weight rows [N, D]
+    axes = b.int64([1])
+    norm_x = b.op("ReduceL2", x, axes, keepdims=1)
+    norm_w = b.op("ReduceL2", w_t, axes, keepdims=1)
+    one, two = b.like(1.0, x), b.like(2.0, x)
+    tiny = b.like(_DEGENERATE_NORM, x)
+    degenerate = b.op("Or", b.op("Less", norm_x, tiny), b.op("Less", norm_w, tiny))
+    prod = b.op("Mul", norm_x, norm_w)
+    safe_prod = b.op("Where", degenerate, one, prod)
+    cos = b.op("Clip", b.op("Div", f, safe_prod), b.like(-1.0, x), one)
+    # Segment k: how many of the decreasing thresholds cos(j pi/m), j = 1..m-1, lie above c.
+    thresholds = b.like([math.cos(math.pi * j / margin) for j in range(1, margin)], x)
+    below = b.op("CastLike", b.op("Less", cos, thresholds), x)  # [N, m-1]
+    k = b.op("ReduceSum", below, axes, keepdims=1)
+    # T_m(c) by the three-term recurrence, unrolled for this m.
+    t_prev, t_cur = one, cos
+    two_c = b.op("Mul", two, cos)
+    for _ in range(1, margin):
+        t_prev, t_cur = t_cur, b.op("Sub", b.op("Mul", two_c, t_cur), t_prev)
+    sign = b.op("Sub", one, b.op("Mul", two, b.op("Mod", k, two, fmod=1)))
+    psi = b.op("Sub", b.op("Mul", sign, t_cur), b.op("Mul", two, k))
+    lam_t = b.scalar(lam, x)
+    blended = b.op("Add", b.op("Mul", lam_t, f), b.op("Mul", prod, psi))
+    g = b.op("Div", blended, b.op("Add", one, lam_t))
+    g = b.op("Where", degenerate, f, g)
+    b.op("ScatterElements", logits, idx, g, output=output, axis=1)
+
+
+Builder = Callable[[NodeBuilder, Sequence[str | None], str, Mapping[str, object]], None]
+
+# op_type in the ai.lsoftmax domain -> its standard-op builder.
+BUILDERS: dict[str, Builder] = {
+    "LSoftmaxLinear": build_lsoftmax_linear,
+}
