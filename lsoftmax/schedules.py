@@ -104,3 +104,45 @@ def schedule_from_dict(d: dict[str, Any]) -> Schedule:
     if kind not in _KINDS:
         raise ValueError(f"unknown schedule kind {kind!r}; expected one of {sorted(_KINDS)}")
     return _KINDS[kind](**d)
+
+
+@dataclass(frozen=True)
+class StepUp(Schedule):
+    """The L-GM margin schedule (Caffe ``ParamParameter`` policy STEPUP).
+
+    ``min(max_value, value * gamma^floor(step_index / step))``: the start value, multiplied by
+    ``gamma`` once every ``step`` training steps, capped at ``max_value``.
+    """
+
+    kind: ClassVar[str] = "stepup"
+    value_: float = 0.0
+    gamma: float = 1.0
+    step: int = 1000
+    max_value: float = 1.0
+
+    def __init__(
+        self, value: float = 0.0, gamma: float = 1.0, step: int = 1000, max_value: float = 1.0
+    ) -> None:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        object.__setattr__(self, "value_", float(value))
+        object.__setattr__(self, "gamma", float(gamma))
+        object.__setattr__(self, "step", step)
+        object.__setattr__(self, "max_value", float(max_value))
+        _core.stepup_value(self.value_, self.gamma, self.step, self.max_value, 0)
+
+    def value(self, step: int) -> float:
+        return float(_core.stepup_value(self.value_, self.gamma, self.step, self.max_value, step))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "value": self.value_,
+            "gamma": self.gamma,
+            "step": self.step,
+            "max_value": self.max_value,
+        }
+
+
+_KINDS[StepUp.kind] = StepUp
+__all__ += ["StepUp"]

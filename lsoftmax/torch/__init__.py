@@ -13,3 +13,4 @@ __all__ = [
     "functional",
     "ops",
 ]
+from lsoftmax.torch.lgm import LGMClassifier, LGMLoss  # noqa: F401

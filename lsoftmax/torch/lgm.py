@@ -1,0 +1,465 @@
+"""The L-GM loss in PyTorch: ``lsoftmax::`` custom ops, ``LGMLoss`` and ``LGMClassifier``.
+
+Ops (eager, autograd, ``torch.compile``; GEMMs by torch, the assembly by the C++ core):
+
+- ``lsoftmax::lgm_logits(x, means, log_var, labels?, alpha: float, include_logdet: bool)
+  -> (logits, loglik)``: the op the ONNX exporter translates.
+- ``lsoftmax::lgm_margin_logits(x, means, log_var, labels, alpha: Tensor, include_logdet)``: the
+  same with ``alpha`` a 0-d float64 tensor, so a schedule can change it every step.
+- ``lsoftmax::lgm_backward(...) -> (grad_x, grad_means, grad_log_var)``.
+- ``lsoftmax::lgm_alpha(step, kind, params)``: an alpha schedule's value at a step tensor.
+
+``logits[i, k] = -(1 + alpha [k = y_i]) d_ik - [include_logdet] 1/2 log|V_k|`` and
+``loglik[i] = -(d_ic + 1/2 log|V_c|)`` for ``c`` the label, or the predicted class without labels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lsoftmax import _core
+from lsoftmax.schedules import Constant, Schedule
+from lsoftmax.torch import ops as _ops  # noqa: F401  (registers lsoftmax::schedule_lambda)
+
+__all__ = [
+    "LGMClassifier",
+    "LGMLoss",
+    "check_lgm_inputs",
+    "lgm_alpha",
+    "lgm_backward",
+    "lgm_logits",
+    "lgm_margin_logits",
+    "log_var_from_variances",
+]
+
+_FLOATS = (torch.float32, torch.float64)
+_LABELS = (torch.int32, torch.int64)
+
+#: Default floor of the log-variance in ``LGMLoss``: variances never go below 1e-4.
+LOG_VAR_FLOOR = math.log(1e-4)
+
+
+def _np(t: Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().numpy()
+
+
+def _cpu_only(t: Tensor) -> None:
+    if t.device.type != "cpu":
+        raise NotImplementedError(
+            f"lsoftmax's L-GM kernels run on the CPU; got a tensor on {t.device}"
+        )
+
+
+def check_lgm_inputs(x: Tensor, means: Tensor, log_var: Tensor, target: Tensor | None) -> None:
+    """Shape, dtype and device checks that need no data (they also run under torch.compile)."""
+    for name, t in (("x", x), ("means", means), ("log_var", log_var)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; they must match")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if x.shape[1] != means.shape[1]:
+        raise ValueError(
+            f"x has {x.shape[1]} features but means has {means.shape[1]} "
+            "(means must be (num_classes, feat_dim))"
+        )
+    if log_var.shape[0] != means.shape[0] or log_var.shape[1] not in (means.shape[1], 1):
+        raise ValueError(
+            f"log_var has shape {tuple(log_var.shape)} but means has {tuple(means.shape)}; "
+            "log_var must be (C, D) or (C, 1)"
+        )
+    if target is None:
+        return
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in _LABELS:
+        raise TypeError(f"target must be int32 or int64, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"target must have shape ({x.shape[0]},) to match x, got {tuple(target.shape)}"
+        )
+    if target.device != x.device:
+        raise ValueError(f"target is on {target.device} but x is on {x.device}")
+
+
+def log_var_from_variances(variances: Tensor) -> Tensor:
+    """``log(variances)``, after the core checks every variance is finite and > 0."""
+    if not isinstance(variances, Tensor) or variances.dtype not in _FLOATS:
+        raise TypeError("variances must be a float32 or float64 torch.Tensor")
+    if variances.dim() != 2:
+        raise ValueError(f"variances must be 2-D, got shape {tuple(variances.shape)}")
+    out = _core.lgm_log_var_from_variances(_np(variances.cpu()))
+    return torch.from_numpy(out).to(variances.device)
+
+
+def _prepare(means: Tensor, log_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    offset, precision, scaled = _core.lgm_prepare(_np(means), _np(log_var))
+    return torch.from_numpy(offset), torch.from_numpy(precision), torch.from_numpy(scaled)
+
+
+def _forward(
+    x: Tensor,
+    means: Tensor,
+    log_var: Tensor,
+    labels: Tensor | None,
+    alpha: float,
+    include_logdet: bool,
+) -> tuple[Tensor, Tensor]:
+    _cpu_only(x)
+    offset, precision, scaled = _prepare(means, log_var)
+    xc = x - offset
+    logits = torch.mm(xc, scaled.t())
+    sq = torch.mm(xc * xc, precision.t()) if log_var.shape[1] == x.shape[1] else None
+    loglik = x.new_empty(x.shape[0])
+    _core.lgm_forward_(
+        _np(logits),
+        _np(loglik),
+        _np(x),
+        _np(means),
+        _np(log_var),
+        _np(offset),
+        _np(sq),
+        _np(labels),
+        alpha,
+        include_logdet,
+    )
+    return logits, loglik
+
+
+def _fake(x: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty((x.shape[0], means.shape[0])), x.new_empty((x.shape[0],))
+
+
+@torch.library.custom_op("lsoftmax::lgm_backward", mutates_args=())
+def lgm_backward(
+    grad_logits: Tensor,
+    grad_loglik: Tensor,
+    logits: Tensor,
+    x: Tensor,
+    means: Tensor,
+    log_var: Tensor,
+    labels: Tensor | None,
+    alpha: Tensor,
+    include_logdet: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _cpu_only(x)
+    offset, precision, scaled = _prepare(means, log_var)
+    coeff, colsum, grad_h = (
+        torch.from_numpy(a)
+        for a in _core.lgm_backward_coeffs(
+            _np(grad_logits),
+            _np(grad_loglik.contiguous()),
+            _np(logits),
+            _np(log_var),
+            x.shape[1],
+            _np(labels),
+            float(alpha.item()),
+            include_logdet,
+        )
+    )
+    xc = x - offset
+    sq = xc * xc
+    if log_var.shape[1] != x.shape[1]:
+        sq = sq.sum(dim=1, keepdim=True)
+    coeff_t = coeff.t()
+    grads = _core.lgm_backward_assemble(
+        _np(x),
+        _np(means),
+        _np(log_var),
+        _np(offset),
+        _np(colsum),
+        _np(grad_h),
+        _np(torch.mm(coeff, precision)),
+        _np(torch.mm(coeff, scaled)),
+        _np(torch.mm(coeff_t, xc)),
+        _np(torch.mm(coeff_t, sq)),
+    )
+    return tuple(torch.from_numpy(g) for g in grads)  # type: ignore[return-value]
+
+
+@lgm_backward.register_fake
+def _(grad_logits, grad_loglik, logits, x, means, log_var, labels, alpha, include_logdet):
+    return torch.empty_like(x), torch.empty_like(means), torch.empty_like(log_var)
+
+
+def _setup(ctx: Any, x, means, log_var, labels, alpha: Tensor, include_logdet, output) -> None:
+    ctx.save_for_backward(x, means, log_var, labels, output[0], alpha)
+    ctx.include_logdet = include_logdet
+
+
+def _backward(ctx: Any, grad_logits: Tensor, grad_loglik: Tensor) -> tuple[Any, ...]:
+    x, means, log_var, labels, logits, alpha = ctx.saved_tensors
+    if not any(ctx.needs_input_grad[:3]):
+        return None, None, None
+    gx, gm, glv = torch.ops.lsoftmax.lgm_backward(
+        grad_logits.contiguous(),
+        grad_loglik,
+        logits,
+        x,
+        means,
+        log_var,
+        labels,
+        alpha,
+        ctx.include_logdet,
+    )
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None), (gm if need[1] else None), (glv if need[2] else None)
+
+
+# --- lsoftmax::lgm_logits (float alpha) ----------------------------------------------------
+
+
+@torch.library.custom_op("lsoftmax::lgm_logits", mutates_args=())
+def lgm_logits(
+    x: Tensor,
+    means: Tensor,
+    log_var: Tensor,
+    labels: Tensor | None,
+    alpha: float,
+    include_logdet: bool,
+) -> tuple[Tensor, Tensor]:
+    return _forward(x, means, log_var, labels, alpha, include_logdet)
+
+
+@lgm_logits.register_fake
+def _(x, means, log_var, labels, alpha, include_logdet):
+    return _fake(x, means)
+
+
+def _logits_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, means, log_var, labels, alpha, include_logdet = inputs
+    _setup(
+        ctx,
+        x,
+        means,
+        log_var,
+        labels,
+        torch.tensor(float(alpha), dtype=torch.float64),
+        include_logdet,
+        output,
+    )
+
+
+def _logits_backward(ctx: Any, grad_logits: Tensor, grad_loglik: Tensor) -> tuple[Any, ...]:
+    return (*_backward(ctx, grad_logits, grad_loglik), None, None, None)
+
+
+lgm_logits.register_autograd(_logits_backward, setup_context=_logits_setup)
+
+
+# --- lsoftmax::lgm_margin_logits (tensor alpha) ---------------------------------------------
+
+
+@torch.library.custom_op("lsoftmax::lgm_margin_logits", mutates_args=())
+def lgm_margin_logits(
+    x: Tensor, means: Tensor, log_var: Tensor, labels: Tensor, alpha: Tensor, include_logdet: bool
+) -> tuple[Tensor, Tensor]:
+    return _forward(x, means, log_var, labels, float(alpha.item()), include_logdet)
+
+
+@lgm_margin_logits.register_fake
+def _(x, means, log_var, labels, alpha, include_logdet):
+    return _fake(x, means)
+
+
+def _margin_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, means, log_var, labels, alpha, include_logdet = inputs
+    _setup(ctx, x, means, log_var, labels, alpha, include_logdet, output)
+
+
+lgm_margin_logits.register_autograd(_logits_backward, setup_context=_margin_setup)
+
+
+# --- lsoftmax::lgm_alpha ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lsoftmax::lgm_alpha", mutates_args=())
+def lgm_alpha(step: Tensor, kind: str, params: list[float]) -> Tensor:
+    if kind == "stepup":
+        value, gamma, every, max_value = params
+        it = int(step.item())
+        return torch.tensor(
+            _core.stepup_value(value, gamma, int(every), max_value, it), dtype=torch.float64
+        )
+    return torch.ops.lsoftmax.schedule_lambda(step, kind, params)
+
+
+@lgm_alpha.register_fake
+def _(step: Tensor, kind: str, params: list[float]) -> Tensor:
+    return torch.empty((), dtype=torch.float64)
+
+
+# --- modules ------------------------------------------------------------------------------------
+
+
+def _positive_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def _nonneg_float(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    return float(v)
+
+
+class LGMLoss(nn.Module):
+    """The large-margin Gaussian mixture loss (Wan et al., CVPR 2018) over a feature layer.
+
+    Parameters: ``means`` (C, D) and ``log_var`` (C, D), or (C, 1) when ``isotropic``. The
+    log-variance enters the ops clamped at ``log_var_floor`` (default ``log(1e-4)``), a hard
+    clamp whose gradient is zero below the floor, so the variances cannot collapse to zero
+    (the Gluon port's NaN loss) however hard the likelihood term pulls them down.
+
+    ``forward(feat, target=None) -> (loss, logits)``:
+
+    - training mode with a target: margin logits with the schedule's alpha at the module's step
+      counter (which then advances by one) and
+      ``loss = CE(logits, target) + lambda_lkd * mean_i (d_iy + 1/2 log|V_y|)``;
+    - eval mode with a target: the same loss without the margin (alpha = 0), step unchanged;
+    - no target: ``(None, logits)`` with alpha = 0.
+
+    ``inference(feat) -> (logits, loglik)`` gives the log-likelihood of the predicted class, the
+    score to threshold for out-of-distribution inputs (see ``LGMClassifier`` and docs/lgm.md).
+    """
+
+    step: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        feat_dim: int,
+        alpha: float = 1.0,
+        lambda_lkd: float = 0.1,
+        isotropic: bool = False,
+        learn_variance: bool = True,
+        include_logdet: bool = True,
+        alpha_schedule: Schedule | None = None,
+        *,
+        log_var_floor: float = LOG_VAR_FLOOR,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = _positive_int("num_classes", num_classes)
+        self.feat_dim = _positive_int("feat_dim", feat_dim)
+        self.lambda_lkd = _nonneg_float("lambda_lkd", lambda_lkd)
+        if alpha_schedule is not None and not isinstance(alpha_schedule, Schedule):
+            raise TypeError(
+                f"alpha_schedule must be a lsoftmax.schedules.Schedule, got {alpha_schedule!r}"
+            )
+        self.alpha_schedule: Schedule = (
+            alpha_schedule
+            if alpha_schedule is not None
+            else Constant(_nonneg_float("alpha", alpha))
+        )
+        self._schedule_params = self.alpha_schedule.params()
+        self.isotropic = bool(isotropic)
+        self.include_logdet = bool(include_logdet)
+        if isinstance(log_var_floor, bool) or not isinstance(log_var_floor, (int, float)):
+            raise TypeError("log_var_floor must be a float")
+        if math.isnan(log_var_floor):
+            raise ValueError("log_var_floor must not be NaN")
+        self.log_var_floor = float(log_var_floor)
+        self.means = nn.Parameter(torch.empty(num_classes, feat_dim, device=device, dtype=dtype))
+        self.log_var = nn.Parameter(
+            torch.zeros(num_classes, 1 if isotropic else feat_dim, device=device, dtype=dtype),
+            requires_grad=bool(learn_variance),
+        )
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.means, 0.0, 1.0)
+        with torch.no_grad():
+            self.log_var.zero_()
+
+    def effective_log_var(self) -> Tensor:
+        """The log-variance the ops see: ``log_var`` clamped at ``log_var_floor``."""
+        return torch.clamp(self.log_var, min=self.log_var_floor)
+
+    @property
+    def variances(self) -> Tensor:
+        """The variances in use, ``exp(effective_log_var())`` (no gradient)."""
+        return self.effective_log_var().detach().exp()
+
+    @property
+    def current_alpha(self) -> float:
+        """Alpha of the latest training forward (before any: the one the first will use)."""
+        return self.alpha_schedule.value(max(int(self.step) - 1, 0))
+
+    def forward(self, feat: Tensor, target: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+        log_var = self.effective_log_var()
+        check_lgm_inputs(feat, self.means, log_var, target)
+        if target is None:
+            logits, _ = torch.ops.lsoftmax.lgm_logits(
+                feat, self.means, log_var, None, 0.0, self.include_logdet
+            )
+            return None, logits
+        if self.training:
+            alpha = torch.ops.lsoftmax.lgm_alpha(
+                self.step, self.alpha_schedule.kind, self._schedule_params
+            )
+            self.step.add_(1)
+            logits, loglik = torch.ops.lsoftmax.lgm_margin_logits(
+                feat, self.means, log_var, target, alpha, self.include_logdet
+            )
+        else:
+            logits, loglik = torch.ops.lsoftmax.lgm_logits(
+                feat, self.means, log_var, target, 0.0, self.include_logdet
+            )
+        loss = F.cross_entropy(logits, target.long()) - self.lambda_lkd * loglik.mean()
+        return loss, logits
+
+    def inference(self, feat: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, loglik)`` without margin; ``loglik`` is that of the predicted class."""
+        log_var = self.effective_log_var()
+        check_lgm_inputs(feat, self.means, log_var, None)
+        return torch.ops.lsoftmax.lgm_logits(
+            feat, self.means, log_var, None, 0.0, self.include_logdet
+        )
+
+    def param_groups(self, lr: float, var_lr_mult: float = 0.1) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: the means at ``lr``, the log-variances at
+        ``lr * var_lr_mult`` (the Gluon port's ``lr_mult``); a frozen ``log_var`` is left out."""
+        groups: list[dict[str, Any]] = [{"params": [self.means], "lr": lr}]
+        if self.log_var.requires_grad:
+            groups.append({"params": [self.log_var], "lr": lr * var_lr_mult})
+        return groups
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, "
+            f"lambda_lkd={self.lambda_lkd}, isotropic={self.isotropic}, "
+            f"include_logdet={self.include_logdet}, alpha_schedule={self.alpha_schedule}, "
+            f"log_var_floor={self.log_var_floor:.4g}"
+        )
+
+
+class LGMClassifier(nn.Module):
+    """Inference head over a trained ``LGMLoss`` (sharing its parameters):
+    ``forward(feat) -> (logits, loglik)``, where ``loglik`` is the log-likelihood (up to a
+    constant) of the predicted class. Threshold it to flag out-of-distribution inputs."""
+
+    def __init__(self, lgm: LGMLoss) -> None:
+        super().__init__()
+        if not isinstance(lgm, LGMLoss):
+            raise TypeError(f"lgm must be an LGMLoss, got {type(lgm).__name__}")
+        self.lgm = lgm
+
+    def forward(self, feat: Tensor) -> tuple[Tensor, Tensor]:
+        return self.lgm.inference(feat)
