@@ -1,0 +1,59 @@
+"""``lsoftmax export CHECKPOINT OUT.onnx``: a trained model -> a checked ONNX file."""
+
+from __future__ import annotations
+
+import argparse
+
+MODES = ("portable", "custom", "function")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to ONNX",
+        description="Export a model saved by `lsoftmax train` (lsoftmax.checkpoint) to ONNX with "
+        "a dynamic batch dimension. Modes: function (default: ai.lsoftmax nodes with standard-op "
+        "function bodies, runs anywhere, uses the lsoftmax kernel where its library is "
+        "registered), custom (ai.lsoftmax nodes only) and portable (standard ONNX ops only).",
+    )
+    p.add_argument("checkpoint", help="checkpoint file (lsoftmax.checkpoint format)")
+    p.add_argument("out", help="output .onnx path")
+    p.add_argument("--mode", choices=MODES, default="function", help="export mode (function)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default torch's)")
+    p.add_argument("--batch-size", type=int, default=2, help="batch size of the example input (2)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lsoftmax.checkpoint import load_model
+    from lsoftmax.cli import CLIError
+    from lsoftmax.exporters import export_onnx
+
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, meta = load_model(args.checkpoint)
+    shape = meta.get("input_shape")
+    if not shape:
+        raise CLIError(f"{args.checkpoint}: the checkpoint records no input_shape")
+    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CLIError(f"{args.checkpoint}: unsupported dtype {meta.get('dtype')!r}")
+    model = model.to(dtype).eval()
+    example = torch.zeros((args.batch_size, *(int(v) for v in shape)), dtype=dtype)
+    proto = export_onnx(model, example, args.out, mode=args.mode, opset=args.opset)
+    opset = next(i.version for i in proto.opset_import if i.domain in ("", "ai.onnx"))
+    ins = ", ".join(_describe(v) for v in proto.graph.input)
+    outs = ", ".join(_describe(v) for v in proto.graph.output)
+    print(f"wrote {args.out} (mode {args.mode}, opset {opset}): inputs {ins} -> outputs {outs}")
+    return 0
+
+
+def _describe(value: object) -> str:
+    import onnx
+
+    assert isinstance(value, onnx.ValueInfoProto)
+    t = value.type.tensor_type
+    dims = [d.dim_param or str(d.dim_value) for d in t.shape.dim]
+    return f"{value.name}[{','.join(dims)}]:{onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)}"
