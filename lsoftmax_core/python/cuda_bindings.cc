@@ -1,7 +1,259 @@
+// lsoftmax._core's CUDA entry points. They take raw device pointers, shapes and strides as
+// ints (any framework can supply them: lsoftmax/cuda.py reads __cuda_array_interface__ or
+// DLPack, lsoftmax/torch/_kernels.py reads torch tensors) and a stream as an int.
+//
+// A matrix is passed as (ptr, rows, cols, row_stride, col_stride, dtype) and the labels as
+// (ptr, size, stride, dtype), strides in elements, dtype a name ("float32", "int64", ...).
+// Without CUDA compiled in, the same functions exist and raise a RuntimeError that says so.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "array_views.h"
 #include "bindings.h"
+#include "lsoftmax/lsoftmax.h"
+#ifdef LSOFTMAX_WITH_CUDA
+#include "lsoftmax/lsoftmax_cuda.h"
+#endif
+
+namespace py = pybind11;
 
 namespace lsoftmax::python {
+namespace {
 
-void bind_cuda(pybind11::module_& /*m*/) {}
+using MatrixSpec = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t, std::string>;
+using LabelSpec = std::tuple<uintptr_t, int64_t, int64_t, std::string>;
+
+int64_t margin_arg(const py::handle& margin) {
+  if (PyBool_Check(margin.ptr()) || !PyLong_Check(margin.ptr())) {
+    throw py::type_error("margin must be an int, got " +
+                         py::str(py::type::of(margin)).cast<std::string>());
+  }
+  return margin.cast<int64_t>();
+}
+
+#ifdef LSOFTMAX_WITH_CUDA
+
+cuda::DType dtype_of(const char* name, const std::string& s) {
+  if (s == "float32") return cuda::DType::kFloat32;
+  if (s == "float64") return cuda::DType::kFloat64;
+  if (s == "float16") return cuda::DType::kFloat16;
+  if (s == "bfloat16") return cuda::DType::kBFloat16;
+  throw py::type_error(std::string(name) + " must be float32, float64, float16 or bfloat16, got " +
+                       s);
+}
+
+cuda::DeviceMatrix matrix(const char* name, const MatrixSpec& spec) {
+  cuda::DeviceMatrix m;
+  m.data = reinterpret_cast<void*>(std::get<0>(spec));
+  m.rows = std::get<1>(spec);
+  m.cols = std::get<2>(spec);
+  m.row_stride = std::get<3>(spec);
+  m.col_stride = std::get<4>(spec);
+  m.dtype = dtype_of(name, std::get<5>(spec));
+  if (m.rows < 0 || m.cols < 0) throw py::value_error(std::string(name) + " has a negative size");
+  return m;
+}
+
+cuda::DeviceLabels labels_of(const LabelSpec& spec) {
+  cuda::DeviceLabels l;
+  l.data = reinterpret_cast<const void*>(std::get<0>(spec));
+  l.size = std::get<1>(spec);
+  l.stride = std::get<2>(spec);
+  const std::string& dt = std::get<3>(spec);
+  if (dt == "int32") {
+    l.type = cuda::LabelType::kInt32;
+  } else if (dt == "int64") {
+    l.type = cuda::LabelType::kInt64;
+  } else {
+    throw py::type_error("labels must be int32 or int64, got " + dt);
+  }
+  return l;
+}
+
+void* stream_of(uintptr_t s) { return reinterpret_cast<void*>(s); }
+
+// Error path only: copies the labels to the host to name the first bad one, as the CPU core does.
+std::string bad_label_message(const cuda::DeviceLabels& l, int64_t num_classes, void* stream) {
+  const size_t item = l.type == cuda::LabelType::kInt32 ? 4 : 8;
+  const int64_t span = l.size == 0 ? 0 : (l.size - 1) * l.stride + 1;
+  std::vector<char> host(static_cast<size_t>(span) * item);
+  const Status s = cuda::copy_to_host_sync(stream, host.data(), l.data, host.size());
+  if (s.ok()) {
+    for (int64_t i = 0; i < l.size; ++i) {
+      const char* p = host.data() + static_cast<size_t>(i * l.stride) * item;
+      const int64_t y = item == 4 ? int64_t{*reinterpret_cast<const int32_t*>(p)}
+                                  : *reinterpret_cast<const int64_t*>(p);
+      if (y < 0 || y >= num_classes) {
+        return "labels[" + std::to_string(i) + "] = " + std::to_string(y) +
+               " is out of range [0, " + std::to_string(num_classes) + ")";
+      }
+    }
+  }
+  return "labels has entries out of range [0, " + std::to_string(num_classes) + ")";
+}
+
+// Runs `launch(flag)`. With a caller flag nothing else happens (no sync); without one, a scratch
+// flag is read back after the launch (a stream sync) and a bad label raises ValueError.
+template <typename F>
+void with_label_check(uintptr_t caller_flag, const cuda::DeviceLabels& labels, int64_t classes,
+                      void* stream, F&& launch) {
+  if (caller_flag != 0) {
+    Status s;
+    {
+      py::gil_scoped_release release;
+      s = launch(reinterpret_cast<int32_t*>(caller_flag));
+    }
+    raise_if_error(s);
+    return;
+  }
+  int32_t flag_value = 0;
+  Status s;
+  {
+    py::gil_scoped_release release;
+    void* flag = nullptr;
+    s = cuda::scratch_alloc(stream, sizeof(int32_t), true, &flag);
+    if (s.ok()) {
+      s = launch(static_cast<int32_t*>(flag));
+      const Status r = cuda::copy_to_host_sync(stream, &flag_value, flag, sizeof(int32_t));
+      const Status f = cuda::scratch_free(stream, flag);
+      if (s.ok()) s = r.ok() ? f : r;
+    }
+  }
+  raise_if_error(s);
+  if (flag_value != 0) throw py::value_error(bad_label_message(labels, classes, stream));
+}
+
+void forward_py(const MatrixSpec& logits, const MatrixSpec& x, const MatrixSpec& w,
+                const LabelSpec& labels, const py::object& margin_obj, double lam,
+                uintptr_t error_flag, uintptr_t stream) {
+  const int64_t margin = margin_arg(margin_obj);
+  const auto lv = matrix("logits", logits);
+  const auto xv = matrix("x", x), wv = matrix("weight", w);
+  const auto yv = labels_of(labels);
+  raise_if_error(cuda::check_forward_args(lv, xv, wv, yv, margin, lam));
+  void* st = stream_of(stream);
+  with_label_check(error_flag, yv, wv.rows, st, [&](int32_t* flag) {
+    return cuda::margin_forward(lv, xv, wv, yv, margin, lam, flag, st);
+  });
+}
+
+void backward_py(const MatrixSpec& grad, const MatrixSpec& x, const MatrixSpec& w,
+                 const LabelSpec& labels, const MatrixSpec& grad_x, const MatrixSpec& grad_w,
+                 const py::object& margin_obj, double lam, bool deterministic, uintptr_t workspace,
+                 size_t workspace_bytes, uintptr_t error_flag, uintptr_t stream) {
+  const int64_t margin = margin_arg(margin_obj);
+  const auto gv = matrix("grad_logits", grad), xv = matrix("x", x), wv = matrix("weight", w);
+  const auto gxv = matrix("grad_x", grad_x), gwv = matrix("grad_weight", grad_w);
+  const auto yv = labels_of(labels);
+  raise_if_error(cuda::check_backward_args(gv, xv, wv, yv, gxv, gwv, margin, lam));
+  void* st = stream_of(stream);
+  // Without a caller workspace the segmented path borrows stream-ordered scratch memory.
+  void* ws = reinterpret_cast<void*>(workspace);
+  size_t ws_bytes = workspace_bytes;
+  void* owned = nullptr;
+  if (ws == nullptr && margin > 1 && cuda::uses_segmented_scatter(xv.dtype, deterministic)) {
+    Status s = cuda::margin_backward_workspace_size(xv.rows, wv.rows, xv.dtype, deterministic,
+                                                    &ws_bytes);
+    if (s.ok() && ws_bytes > 0) s = cuda::scratch_alloc(st, ws_bytes, false, &owned);
+    raise_if_error(s);
+    ws = owned;
+  }
+  try {
+    with_label_check(error_flag, yv, wv.rows, st, [&](int32_t* flag) {
+      return cuda::margin_backward(gv, xv, wv, yv, gxv, gwv, margin, lam, deterministic, ws,
+                                   ws_bytes, flag, st);
+    });
+  } catch (...) {
+    (void)cuda::scratch_free(st, owned);
+    throw;
+  }
+  raise_if_error(cuda::scratch_free(st, owned));
+}
+
+size_t workspace_size_py(int64_t n, int64_t num_classes, const std::string& dtype,
+                         bool deterministic) {
+  size_t bytes = 0;
+  raise_if_error(cuda::margin_backward_workspace_size(n, num_classes, dtype_of("dtype", dtype),
+                                                      deterministic, &bytes));
+  return bytes;
+}
+
+#else  // no CUDA compiled in
+
+[[noreturn]] void no_cuda() {
+  throw std::runtime_error(
+      "lsoftmax was built without CUDA (no CUDA compiler was found at build time, or "
+      "LSOFTMAX_CUDA=OFF); rebuild with LSOFTMAX_CUDA=ON and nvcc on the PATH to use GPU arrays");
+}
+
+void forward_py(const MatrixSpec&, const MatrixSpec&, const MatrixSpec&, const LabelSpec&,
+                const py::object& margin_obj, double, uintptr_t, uintptr_t) {
+  (void)margin_arg(margin_obj);
+  no_cuda();
+}
+
+void backward_py(const MatrixSpec&, const MatrixSpec&, const MatrixSpec&, const LabelSpec&,
+                 const MatrixSpec&, const MatrixSpec&, const py::object& margin_obj, double, bool,
+                 uintptr_t, size_t, uintptr_t, uintptr_t) {
+  (void)margin_arg(margin_obj);
+  no_cuda();
+}
+
+size_t workspace_size_py(int64_t, int64_t, const std::string&, bool) { no_cuda(); }
+
+#endif
+
+int device_count_py() {
+#ifdef LSOFTMAX_WITH_CUDA
+  return cuda::device_count();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+void bind_cuda(py::module_& m) {
+  m.def("cuda_device_count", &device_count_py,
+        "Number of visible CUDA devices (0 without a driver, a device or CUDA support).");
+  m.def(
+      "cuda_available", []() { return device_count_py() > 0; },
+      "True when lsoftmax was built with CUDA and a CUDA device is usable (a lazy query).");
+  m.def(
+      "cuda_unavailable_reason",
+      []() -> std::string {
+#ifdef LSOFTMAX_WITH_CUDA
+        const Status s = cuda::device_status();
+        return s.ok() ? std::string() : s.message();
+#else
+        return "lsoftmax was built without CUDA";
+#endif
+      },
+      "Why CUDA cannot be used ('' when it can).");
+
+  m.def("cuda_margin_forward_", &forward_py, py::arg("logits"), py::arg("x"), py::arg("weight"),
+        py::arg("labels"), py::arg("margin"), py::arg("lam"), py::arg("error_flag") = 0,
+        py::arg("stream") = 0,
+        "In place on the device: logits holds x @ weight.T; rewrites each row's target logit. "
+        "Matrices are (ptr, rows, cols, row_stride, col_stride, dtype); labels (ptr, size, "
+        "stride, dtype). error_flag = 0 checks the labels synchronously (ValueError); a device "
+        "int32 pointer instead receives 1 on a bad label, with no sync.");
+  m.def("cuda_margin_backward_", &backward_py, py::arg("grad_logits"), py::arg("x"),
+        py::arg("weight"), py::arg("labels"), py::arg("grad_x"), py::arg("grad_weight"),
+        py::arg("margin"), py::arg("lam"), py::arg("deterministic") = false,
+        py::arg("workspace") = 0, py::arg("workspace_bytes") = 0, py::arg("error_flag") = 0,
+        py::arg("stream") = 0,
+        "In place on the device: grad_x holds grad_logits @ weight, grad_weight holds "
+        "grad_logits.T @ x; adds the margin terms.");
+  m.def("cuda_backward_workspace_size", &workspace_size_py, py::arg("n"), py::arg("num_classes"),
+        py::arg("dtype"), py::arg("deterministic"),
+        "Bytes of device workspace cuda_margin_backward_ needs (0 for the atomic path).");
+}
 
 }  // namespace lsoftmax::python
