@@ -13,4 +13,10 @@ __all__ = [
     "functional",
     "ops",
 ]
+from lsoftmax.torch._kernels import (  # noqa: F401  (CUDA settings)
+    deterministic_enabled,
+    get_label_check,
+    set_deterministic,
+    set_label_check,
+)
 from lsoftmax.torch.lgm import LGMClassifier, LGMLoss  # noqa: F401

@@ -1,13 +1,66 @@
 """Device dispatch from torch tensors to the core's per-row kernels (in place).
 
-The CPU path hands numpy views (no copies) to ``lsoftmax._core``.
+The CPU path hands numpy views (no copies) to ``lsoftmax._core``. The CUDA path hands raw
+device pointers, shapes and strides and torch's current stream to ``_core.cuda_*``: no host sync
+(except the label check below), no allocation outside torch's caching allocator, so the ops can be
+captured in CUDA graphs.
+
+Settings (re-exported by :mod:`lsoftmax.torch`):
+
+- ``set_deterministic(True | False | None)``: the CUDA backward sums the ``grad_weight`` rows that
+  several samples share in a fixed order (a sort by class in a torch-allocated workspace) instead
+  of with atomics. ``None`` (the default) follows ``torch.are_deterministic_algorithms_enabled()``.
+  float16/bfloat16 always take the fixed-order path (it sums in float32).
+- ``set_label_check("sync" | "async" | "off")``: how the CUDA forward reports labels outside
+  ``[0, num_classes)``; the kernels themselves never touch memory for such rows and set a device
+  flag. ``"sync"`` (default) reads that flag after the forward kernel (one 4-byte copy, which
+  waits for the stream) and raises the same ValueError as the CPU path; during CUDA-graph capture
+  it acts as ``"async"``. ``"async"`` never syncs: a bad label fires a device-side assert
+  (``torch._assert_async``), which, as for torch's own ``cross_entropy``, ruins the CUDA context.
+  ``"off"`` skips the report (bad rows keep their plain logits). The backward always uses the
+  async assert: its labels are the ones the forward already checked.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lsoftmax import _core
+
+_CUDA_DTYPES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+_CUDA_LABELS = {torch.int32: "int32", torch.int64: "int64"}
+_LABEL_CHECKS = ("sync", "async", "off")
+_settings: dict[str, object] = {"deterministic": None, "label_check": "sync"}
+
+
+def set_deterministic(mode: bool | None) -> None:
+    """Fixed-order (True) or atomic (False) grad_weight sums on CUDA; None follows torch."""
+    if mode is not None and not isinstance(mode, bool):
+        raise TypeError(f"mode must be a bool or None, got {mode!r}")
+    _settings["deterministic"] = mode
+
+
+def deterministic_enabled() -> bool:
+    mode = _settings["deterministic"]
+    return torch.are_deterministic_algorithms_enabled() if mode is None else bool(mode)
+
+
+def set_label_check(mode: str) -> None:
+    """How the CUDA forward reports out-of-range labels: "sync", "async" or "off"."""
+    if mode not in _LABEL_CHECKS:
+        raise ValueError(f"mode must be one of {_LABEL_CHECKS}, got {mode!r}")
+    _settings["label_check"] = mode
+
+
+def get_label_check() -> str:
+    return str(_settings["label_check"])
 
 
 def _np(t: torch.Tensor):
@@ -32,6 +85,8 @@ def margin_forward_(
     """``logits`` holds ``x @ weight.T``; rewrites the target logit of every row."""
     if logits.device.type == "cpu":
         _core.margin_forward_(_np(logits), _np(x), _np(weight), _np(labels), margin, lam)
+    elif logits.device.type == "cuda":
+        _cuda_forward_(logits, x, weight, labels, margin, lam)
     else:
         _unsupported(logits)
 
@@ -58,5 +113,127 @@ def margin_backward_(
             margin,
             lam,
         )
+    elif grad_logits.device.type == "cuda":
+        _cuda_backward_(grad_logits, x, weight, labels, grad_x, grad_weight, margin, lam)
     else:
         _unsupported(grad_logits)
+
+
+# --- CUDA -------------------------------------------------------------------------------------
+
+
+def _cuda_dtype(name: str, t: torch.Tensor) -> str:
+    dt = _CUDA_DTYPES.get(t.dtype)
+    if dt is None:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    return dt
+
+
+def _mat(name: str, t: torch.Tensor) -> tuple[int, int, int, int, int, str]:
+    rows, cols = t.shape
+    return (t.data_ptr(), rows, cols, t.stride(0), t.stride(1), _cuda_dtype(name, t))
+
+
+def _vec(t: torch.Tensor) -> tuple[int, int, int, str]:
+    dt = _CUDA_LABELS.get(t.dtype)
+    if dt is None:
+        raise TypeError(f"labels must be int32 or int64, got {t.dtype}")
+    return (t.data_ptr(), t.shape[0], t.stride(0), dt)
+
+
+def _same_device(ref: torch.Tensor, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but the op runs on {ref.device}")
+
+
+@functools.lru_cache(maxsize=64)
+def _workspace_bytes(device: int, n: int, c: int, dtype: str, deterministic: bool) -> int:
+    # Pure function of its arguments (CUB's sort storage for this device); cached so the hot
+    # path does not ask CUB every step.
+    del device
+    return int(_core.cuda_backward_workspace_size(n, c, dtype, deterministic))
+
+
+def _bad_label_message(labels: torch.Tensor, num_classes: int) -> str:
+    # Error path only: find the first bad label on the host, worded as the CPU core words it.
+    host = labels.detach().cpu()
+    bad = ((host < 0) | (host >= num_classes)).nonzero()
+    if bad.numel() == 0:
+        return f"labels has entries out of range [0, {num_classes})"
+    i = int(bad[0, 0])
+    return f"labels[{i}] = {int(host[i])} is out of range [0, {num_classes})"
+
+
+def _report_labels(flag: torch.Tensor, labels: torch.Tensor, num_classes: int, sync: bool) -> None:
+    mode = _settings["label_check"]
+    if mode == "off":
+        return
+    if sync and mode == "sync" and not torch.cuda.is_current_stream_capturing():
+        if int(flag.item()) != 0:
+            raise ValueError(_bad_label_message(labels, num_classes))
+        return
+    torch._assert_async(flag == 0)
+
+
+def _cuda_forward_(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    margin: int,
+    lam: float,
+) -> None:
+    _same_device(logits, x=x, weight=weight, labels=labels)
+    with torch.cuda.device(logits.device):
+        flag = torch.zeros((), dtype=torch.int32, device=logits.device)
+        _core.cuda_margin_forward_(
+            _mat("logits", logits),
+            _mat("x", x),
+            _mat("weight", weight),
+            _vec(labels),
+            margin,
+            lam,
+            error_flag=flag.data_ptr(),
+            stream=torch.cuda.current_stream(logits.device).cuda_stream,
+        )
+        _report_labels(flag, labels, weight.shape[0], sync=True)
+
+
+def _cuda_backward_(
+    grad_logits: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    grad_x: torch.Tensor,
+    grad_weight: torch.Tensor,
+    margin: int,
+    lam: float,
+) -> None:
+    dev = grad_logits.device
+    _same_device(grad_logits, x=x, weight=weight, labels=labels, grad_x=grad_x)
+    _same_device(grad_logits, grad_weight=grad_weight)
+    deterministic = deterministic_enabled()
+    with torch.cuda.device(dev):
+        n, c = grad_logits.shape
+        nbytes = 0
+        if margin > 1 and (deterministic or x.dtype in (torch.float16, torch.bfloat16)):
+            nbytes = _workspace_bytes(dev.index or 0, n, c, _cuda_dtype("x", x), deterministic)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=dev) if nbytes else None
+        flag = torch.zeros((), dtype=torch.int32, device=dev)
+        _core.cuda_margin_backward_(
+            _mat("grad_logits", grad_logits),
+            _mat("x", x),
+            _mat("weight", weight),
+            _vec(labels),
+            _mat("grad_x", grad_x),
+            _mat("grad_weight", grad_weight),
+            margin,
+            lam,
+            deterministic=deterministic,
+            workspace=workspace.data_ptr() if workspace is not None else 0,
+            workspace_bytes=nbytes,
+            error_flag=flag.data_ptr(),
+            stream=torch.cuda.current_stream(dev).cuda_stream,
+        )
+        _report_labels(flag, labels, c, sync=False)
