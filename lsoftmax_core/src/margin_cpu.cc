@@ -12,15 +12,33 @@
 namespace lsoftmax {
 namespace {
 
+// Eight partial sums in a fixed order: one running sum is a chain of dependent adds that costs
+// the full add latency per element (this loop dominated the layer's overhead); the fixed order
+// keeps results independent of the thread count. kUnit lets the compiler vectorize the common
+// contiguous case.
+template <bool kUnit, typename T>
+double dot_strided(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
+  if (kUnit) sa = sb = 1;
+  constexpr int kLanes = 8;
+  double acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      acc[k] += static_cast<double>(a[(d + k) * sa]) * static_cast<double>(b[(d + k) * sb]);
+    }
+  }
+  for (; d < n; ++d) acc[0] += static_cast<double>(a[d * sa]) * static_cast<double>(b[d * sb]);
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 // Accumulate in double whatever T is: the norms and the recomputed target logit then carry no
 // more error than the host GEMM that produced the logits.
 template <typename T>
 double dot_row(const MatrixView<const T>& a, int64_t i, const MatrixView<const T>& b, int64_t j) {
-  double acc = 0.0;
-  for (int64_t d = 0; d < a.cols; ++d) {
-    acc += static_cast<double>(a(i, d)) * static_cast<double>(b(j, d));
-  }
-  return acc;
+  const T* pa = a.data + i * a.row_stride;
+  const T* pb = b.data + j * b.row_stride;
+  if (a.col_stride == 1 && b.col_stride == 1) return dot_strided<true>(pa, 1, pb, 1, a.cols);
+  return dot_strided<false>(pa, a.col_stride, pb, b.col_stride, a.cols);
 }
 
 template <typename T>
