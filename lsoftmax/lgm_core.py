@@ -79,7 +79,7 @@ def lgm_forward(
     include_logdet: bool = True,
     variances: NDArray[Any] | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any]]:
-    """``(logits, loglik)``; the margin ``alpha`` applies to the label's logit when labels are given.
+    """``(logits, loglik)``; with labels, ``alpha`` is the margin on each label's logit.
 
     Give either ``log_var`` or ``variances`` (then checked to be > 0).
     """
@@ -134,8 +134,14 @@ def lgm_backward(
         if a.shape != expected:
             raise ValueError(f"{name} has shape {a.shape}, expected {expected}")
     offset, precision, scaled_means = _core.lgm_prepare(means, log_var)
-    coeff, colsum, grad_h = _core.lgm_backward_coeffs(
-        grad_logits, grad_loglik, logits, log_var, x.shape[1], _labels(labels), alpha,
+    coeff, colsum, grad_h, own, cls = _core.lgm_backward_coeffs(
+        grad_logits,
+        grad_loglik,
+        logits,
+        log_var,
+        x.shape[1],
+        _labels(labels),
+        alpha,
         include_logdet,
     )
     xc = x - offset
@@ -143,6 +149,16 @@ def lgm_backward(
     if not _diagonal(x, log_var):
         sq = sq.sum(axis=1, keepdims=True)
     return _core.lgm_backward_assemble(
-        x, means, log_var, offset, colsum, grad_h,
-        coeff @ precision, coeff @ scaled_means, coeff.T @ xc, coeff.T @ sq,
+        x,
+        means,
+        log_var,
+        offset,
+        colsum,
+        grad_h,
+        own,
+        cls,
+        coeff @ precision,
+        coeff @ scaled_means,
+        coeff.T @ xc,
+        coeff.T @ sq,
     )

@@ -155,7 +155,7 @@ def lgm_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     _cpu_only(x)
     offset, precision, scaled = _prepare(means, log_var)
-    coeff, colsum, grad_h = (
+    coeff, colsum, grad_h, own, cls = (
         torch.from_numpy(a)
         for a in _core.lgm_backward_coeffs(
             _np(grad_logits),
@@ -180,6 +180,8 @@ def lgm_backward(
         _np(offset),
         _np(colsum),
         _np(grad_h),
+        _np(own),
+        _np(cls),
         _np(torch.mm(coeff, precision)),
         _np(torch.mm(coeff, scaled)),
         _np(torch.mm(coeff_t, xc)),

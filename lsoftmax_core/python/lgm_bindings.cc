@@ -165,6 +165,8 @@ py::tuple backward_coeffs_py(py::array grad_in, py::object grad_ll_obj, py::arra
     }
     py::array coeff = new_matrix<T>(gv.rows, gv.cols);
     py::array_t<T> colsum(static_cast<py::ssize_t>(gv.cols)), grad_h(static_cast<py::ssize_t>(gv.cols));
+    py::array_t<T> own(static_cast<py::ssize_t>(gv.rows));
+    py::array_t<int64_t> cls(static_cast<py::ssize_t>(gv.rows));
     auto cv = mutable_matrix<T>("coeff", coeff);
     const T* gll_ptr = grad_ll_obj.is_none() ? nullptr : gll.data();
     dispatch_labels(labels, [&](auto lview) {
@@ -174,18 +176,19 @@ py::tuple backward_coeffs_py(py::array grad_in, py::object grad_ll_obj, py::arra
         py::gil_scoped_release release;
         s = lgm_backward_coeffs<T, L>(gv, gll_ptr, zv, lvv, feat_dim, lview, alpha,
                                       include_logdet, cv, colsum.mutable_data(),
-                                      grad_h.mutable_data());
+                                      grad_h.mutable_data(), own.mutable_data(),
+                                      cls.mutable_data());
       }
       raise_if_error(s);
       return 0;
     });
-    return py::make_tuple(coeff, colsum, grad_h);
+    return py::make_tuple(coeff, colsum, grad_h, own, cls);
   });
 }
 
 py::tuple backward_assemble_py(py::array x_in, py::array means_in, py::array lv_in,
                                py::array offset_in, py::array colsum_in, py::array grad_h_in,
-                               py::array wp_in, py::array wmp_in, py::array wtx_in,
+                               py::array own_in, py::array cls_in, py::array wp_in, py::array wmp_in, py::array wtx_in,
                                py::array wtx2_in) {
   py::array x = as_strided_input(x_in), means = as_strided_input(means_in),
             lv = as_strided_input(lv_in), wp = as_strided_input(wp_in),
@@ -208,6 +211,13 @@ py::tuple backward_assemble_py(py::array x_in, py::array means_in, py::array lv_
     auto off = vector_in<T>("offset", offset_in, mv.cols, x, "x");
     auto cs = vector_in<T>("colsum", colsum_in, mv.rows, x, "x");
     auto gh = vector_in<T>("grad_h", grad_h_in, mv.rows, x, "x");
+    auto own = vector_in<T>("own", own_in, xv.rows, x, "x");
+    require_ndim("cls", cls_in, 1);
+    if (!cls_in.dtype().is(py::dtype::of<int64_t>()) || cls_in.shape(0) != xv.rows) {
+      throw py::type_error("cls must be an int64 array of " + std::to_string(xv.rows) +
+                           " entries");
+    }
+    auto cls = py::array_t<int64_t, py::array::c_style>::ensure(cls_in);
     auto wpv = const_matrix<T>("wp", wp);
     auto wmpv = const_matrix<T>("wmp", wmp);
     auto wtxv = const_matrix<T>("wtx", wtx);
@@ -221,8 +231,8 @@ py::tuple backward_assemble_py(py::array x_in, py::array means_in, py::array lv_
     Status s;
     {
       py::gil_scoped_release release;
-      s = lgm_backward_assemble<T>(xv, mv, lvv, off.data(), cs.data(), gh.data(), wpv, wmpv,
-                                   wtxv, wtx2v, gxv, gmv, glvv);
+      s = lgm_backward_assemble<T>(xv, mv, lvv, off.data(), cs.data(), gh.data(), own.data(),
+                                   cls.data(), wpv, wmpv, wtxv, wtx2v, gxv, gmv, glvv);
     }
     raise_if_error(s);
     return py::make_tuple(gx, gm, glv);
@@ -247,12 +257,14 @@ void bind_lgm(pybind11::module_& m) {
   m.def("lgm_backward_coeffs", &backward_coeffs_py, py::arg("grad_logits"),
         py::arg("grad_loglik"), py::arg("logits"), py::arg("log_var"), py::arg("feat_dim"),
         py::arg("labels"), py::arg("alpha"), py::arg("include_logdet"),
-        "(coeff, colsum, grad_h): W = dL/dd (N, C), its column sums and dL/dh (C,).");
+        "(coeff, colsum, grad_h, own, cls): W = dL/dd (N, C) with each row's own-class entry "
+        "moved to own (N,) (cls: that class), the column sums of the rest and dL/dh (C,).");
   m.def("lgm_backward_assemble", &backward_assemble_py, py::arg("x"), py::arg("means"),
         py::arg("log_var"), py::arg("offset"), py::arg("colsum"), py::arg("grad_h"),
-        py::arg("wp"), py::arg("wmp"), py::arg("wtx"), py::arg("wtx2"),
-        "(grad_x, grad_means, grad_log_var) from W @ precision, W @ scaled_means, "
-        "W.T @ (x - offset) and W.T @ (x - offset)**2 (isotropic: its row sums).");
+        py::arg("own"), py::arg("cls"), py::arg("wp"), py::arg("wmp"), py::arg("wtx"), py::arg("wtx2"),
+        "(grad_x, grad_means, grad_log_var) from coeff @ precision, coeff @ scaled_means, "
+        "coeff.T @ (x - offset) and coeff.T @ (x - offset)**2 (isotropic: its row sums), plus "
+        "the own-class terms from direct differences.");
   m.def("validate_lgm_alpha", [](double a) { raise_if_error(validate_lgm_alpha(a)); },
         py::arg("alpha"));
   m.def("validate_lgm_lambda", [](double l) { raise_if_error(validate_lgm_lambda(l)); },

@@ -276,7 +276,8 @@ template <typename T, typename L>
 Status lgm_backward_coeffs(MatrixView<const T> grad_logits, const T* grad_loglik,
                            MatrixView<const T> logits, MatrixView<const T> log_var,
                            int64_t feat_dim, LabelView<L> labels, double alpha,
-                           bool include_logdet, MatrixView<T> coeff, T* colsum, T* grad_h) {
+                           bool include_logdet, MatrixView<T> coeff, T* colsum, T* grad_h,
+                           T* own, int64_t* cls) {
   Status s = validate_lgm_alpha(alpha);
   const int64_t N = grad_logits.rows, C = grad_logits.cols;
   if (s.ok() && (log_var.rows != C || (log_var.cols != feat_dim && log_var.cols != 1))) {
@@ -295,17 +296,20 @@ Status lgm_backward_coeffs(MatrixView<const T> grad_logits, const T* grad_loglik
   for (int64_t k = 0; k < C; ++k) h[static_cast<size_t>(k)] = half_logdet(log_var, k, feat_dim);
   const double logdet_w = include_logdet ? 1.0 : 0.0;
 
-  // W_ik = -(1 + alpha [k = y_i]) G_ik - g_i [k = c_i], with c_i the label or the prediction.
-  std::vector<int64_t> cls(static_cast<size_t>(N));
+  // W_ik = -(1 + alpha [k = y_i]) G_ik - g_i [k = c_i], with c_i the label or the prediction;
+  // W_ic goes to own[i] and its place in coeff is zeroed.
   detail::parallel_for(N, 4 * C, [&](int64_t i) {
     const int64_t y = has_labels ? static_cast<int64_t>(labels[i]) : -1;
     const int64_t c = has_labels ? y : predicted_class(logits, i, h, include_logdet, nullptr);
-    cls[static_cast<size_t>(i)] = c;
+    cls[i] = c;
     for (int64_t k = 0; k < C; ++k) {
       const double scale = (k == y) ? 1.0 + alpha : 1.0;
       coeff(i, k) = static_cast<T>(-scale * static_cast<double>(grad_logits(i, k)));
     }
-    if (grad_loglik) coeff(i, c) -= grad_loglik[i];
+    double w = static_cast<double>(coeff(i, c));
+    if (grad_loglik) w -= static_cast<double>(grad_loglik[i]);
+    own[i] = static_cast<T>(w);
+    coeff(i, c) = T(0);
   });
 
   // dL/dh_k = -s sum_i G_ik - sum_{i: c_i = k} g_i; one thread per class, rows in order.
@@ -314,7 +318,7 @@ Status lgm_backward_coeffs(MatrixView<const T> grad_logits, const T* grad_loglik
     for (int64_t i = 0; i < N; ++i) {
       cs += static_cast<double>(coeff(i, k));
       gh -= logdet_w * static_cast<double>(grad_logits(i, k));
-      if (grad_loglik && cls[static_cast<size_t>(i)] == k) gh -= static_cast<double>(grad_loglik[i]);
+      if (grad_loglik && cls[i] == k) gh -= static_cast<double>(grad_loglik[i]);
     }
     colsum[k] = static_cast<T>(cs);
     grad_h[k] = static_cast<T>(gh);
@@ -325,7 +329,8 @@ Status lgm_backward_coeffs(MatrixView<const T> grad_logits, const T* grad_loglik
 template <typename T>
 Status lgm_backward_assemble(MatrixView<const T> x, MatrixView<const T> means,
                              MatrixView<const T> log_var, const T* offset, const T* colsum,
-                             const T* grad_h, MatrixView<const T> wp, MatrixView<const T> wmp,
+                             const T* grad_h, const T* own, const int64_t* cls,
+                             MatrixView<const T> wp, MatrixView<const T> wmp,
                              MatrixView<const T> wtx, MatrixView<const T> wtx2,
                              MatrixView<T> grad_x, MatrixView<T> grad_means,
                              MatrixView<T> grad_log_var) {
@@ -339,37 +344,70 @@ Status lgm_backward_assemble(MatrixView<const T> x, MatrixView<const T> means,
   if (s.ok()) s = check_shape("grad_x", grad_x, N, D);
   if (s.ok()) s = check_shape("grad_means", grad_means, C, D);
   if (s.ok()) s = check_shape("grad_log_var", grad_log_var, C, dv);
+  for (int64_t i = 0; s.ok() && i < N; ++i) {
+    if (cls[i] < 0 || cls[i] >= C) {
+      s = Status::InvalidArgument("cls[" + std::to_string(i) + "] is out of range");
+    }
+  }
   if (!s.ok()) return s;
   const bool diag = is_diagonal(dv, D);
+  auto prec = [&](int64_t k, int64_t j) {
+    return std::exp(-static_cast<double>(log_var(k, diag ? j : 0)));
+  };
 
-  detail::parallel_for(N, 2 * D, [&](int64_t i) {
+  detail::parallel_for(N, 4 * D, [&](int64_t i) {
+    const int64_t c = cls[i];
+    const double w = static_cast<double>(own[i]);
     for (int64_t j = 0; j < D; ++j) {
       const double xc = static_cast<double>(x(i, j)) - static_cast<double>(offset[j]);
+      const double diff = static_cast<double>(x(i, j)) - static_cast<double>(means(c, j));
       grad_x(i, j) = static_cast<T>(xc * static_cast<double>(wp(i, diag ? j : 0)) -
-                                    static_cast<double>(wmp(i, j)));
+                                    static_cast<double>(wmp(i, j)) + w * prec(c, j) * diff);
     }
   });
-  detail::parallel_for(C, 8 * D, [&](int64_t k) {
+
+  // Rows grouped by their own class (counting sort keeps row order inside a class), so each
+  // class sums its direct terms in a fixed order on one thread.
+  std::vector<int64_t> start(static_cast<size_t>(C + 1), 0), rows(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i) ++start[static_cast<size_t>(cls[i] + 1)];
+  for (int64_t k = 0; k < C; ++k) start[static_cast<size_t>(k + 1)] += start[static_cast<size_t>(k)];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < N; ++i) rows[static_cast<size_t>(fill[static_cast<size_t>(cls[i])]++)] = i;
+  }
+
+  detail::parallel_for(C, 8 * D + 2 * D * N / std::max<int64_t>(C, 1), [&](int64_t k) {
     const double cs = static_cast<double>(colsum[k]);
     const double gh = static_cast<double>(grad_h[k]);
-    double iso_sum = 0.0;  // isotropic: sum_j (-2 muc_kj WTX_kj + muc_kj^2 colsum_k)
+    // Direct sums over the rows whose own class is k: sum w (x - mu_k) and sum w (x - mu_k)^2.
+    std::vector<double> s1(static_cast<size_t>(D), 0.0), s2(static_cast<size_t>(D), 0.0);
+    for (int64_t r = start[static_cast<size_t>(k)]; r < start[static_cast<size_t>(k + 1)]; ++r) {
+      const int64_t i = rows[static_cast<size_t>(r)];
+      const double w = static_cast<double>(own[i]);
+      for (int64_t j = 0; j < D; ++j) {
+        const double diff = static_cast<double>(x(i, j)) - static_cast<double>(means(k, j));
+        s1[static_cast<size_t>(j)] += w * diff;
+        s2[static_cast<size_t>(j)] += w * diff * diff;
+      }
+    }
+    double iso_sum = 0.0;  // isotropic: the j-sum of the bracket below
     for (int64_t j = 0; j < D; ++j) {
       const double muc = static_cast<double>(means(k, j)) - static_cast<double>(offset[j]);
-      const double p = std::exp(-static_cast<double>(log_var(k, diag ? j : 0)));
+      const double p = prec(k, j);
       const double tx = static_cast<double>(wtx(k, j));
-      grad_means(k, j) = static_cast<T>(-p * (tx - muc * cs));
-      const double cross = -2.0 * muc * tx + muc * muc * cs;
+      grad_means(k, j) = static_cast<T>(-p * (tx - muc * cs + s1[static_cast<size_t>(j)]));
+      const double bracket = -2.0 * muc * tx + muc * muc * cs + s2[static_cast<size_t>(j)];
       if (diag) {
         grad_log_var(k, j) =
-            static_cast<T>(-0.5 * p * (static_cast<double>(wtx2(k, j)) + cross) + 0.5 * gh);
+            static_cast<T>(-0.5 * p * (static_cast<double>(wtx2(k, j)) + bracket) + 0.5 * gh);
       } else {
-        iso_sum += cross;
+        iso_sum += bracket;
       }
     }
     if (!diag) {
-      const double p = std::exp(-static_cast<double>(log_var(k, 0)));
-      grad_log_var(k, 0) = static_cast<T>(-0.5 * p * (static_cast<double>(wtx2(k, 0)) + iso_sum) +
-                                          0.5 * static_cast<double>(D) * gh);
+      grad_log_var(k, 0) =
+          static_cast<T>(-0.5 * prec(k, 0) * (static_cast<double>(wtx2(k, 0)) + iso_sum) +
+                         0.5 * static_cast<double>(D) * gh);
     }
   });
   return Status::Ok();
@@ -381,15 +419,16 @@ Status lgm_backward_assemble(MatrixView<const T> x, MatrixView<const T> means,
                                  MatrixView<T>);                                               \
   template Status lgm_backward_assemble<T>(                                                    \
       MatrixView<const T>, MatrixView<const T>, MatrixView<const T>, const T*, const T*,       \
-      const T*, MatrixView<const T>, MatrixView<const T>, MatrixView<const T>,                 \
-      MatrixView<const T>, MatrixView<T>, MatrixView<T>, MatrixView<T>);
+      const T*, const T*, const int64_t*, MatrixView<const T>, MatrixView<const T>,            \
+      MatrixView<const T>, MatrixView<const T>, MatrixView<T>, MatrixView<T>, MatrixView<T>);
 #define LSOFTMAX_LGM_INSTANTIATE(T, L)                                                           \
   template Status lgm_forward<T, L>(MatrixView<const T>, MatrixView<const T>,                  \
                                     MatrixView<const T>, const T*, MatrixView<const T>,        \
                                     LabelView<L>, MatrixView<T>, T*, double, bool, int64_t*);  \
   template Status lgm_backward_coeffs<T, L>(MatrixView<const T>, const T*,                     \
                                             MatrixView<const T>, MatrixView<const T>, int64_t, \
-                                            LabelView<L>, double, bool, MatrixView<T>, T*, T*);
+                                            LabelView<L>, double, bool, MatrixView<T>, T*, T*, \
+                                            T*, int64_t*);
 LSOFTMAX_LGM_INSTANTIATE_T(float)
 LSOFTMAX_LGM_INSTANTIATE_T(double)
 LSOFTMAX_LGM_INSTANTIATE(float, int32_t)

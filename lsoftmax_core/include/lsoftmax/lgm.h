@@ -15,13 +15,15 @@
 // where x is close to mu_k (about one per row once training has converged).
 //
 // Backward (incoming G = dL/dlogits, g = dL/dloglik): lgm_backward_coeffs() gives
-// W = dL/dd (N x C), its column sums and dL/dh_k (h_k = 1/2 sum_j log_var_kj); the host then
+// W = dL/dd (N x C) without each row's own-class entry (kept apart, see below), its column
+// sums and dL/dh_k (h_k = 1/2 sum_j log_var_kj); the host then
 // computes WP = W @ p, WMP = W @ (muc p), WTX = W^T @ xc, WTX2 = W^T @ xc^2 (diagonal) or
 // W^T @ |xc|^2 (isotropic), and lgm_backward_assemble() turns them into the gradients:
 //   grad_x_ij  = xc_ij WP_ij - WMP_ij
 //   grad_mu_kj = -p_kj (WTX_kj - muc_kj colsum_k)
 //   grad_lv_kj = -1/2 p_kj (WTX2_kj - 2 muc_kj WTX_kj + muc_kj^2 colsum_k) + 1/2 dh_k
-// (isotropic: the j-sums collapse and the log-det term is D/2 dh_k).
+// (isotropic: the j-sums collapse and the log-det term is D/2 dh_k), plus the own-class terms
+// summed from direct differences.
 #pragma once
 
 #include <cstdint>
@@ -63,23 +65,31 @@ Status lgm_forward(MatrixView<const T> x, MatrixView<const T> means, MatrixView<
                    MatrixView<T> logits, T* loglik, double alpha, bool include_logdet,
                    int64_t* n_direct = nullptr);
 
-// W (N x C) = dL/dd, colsum (C) = sum_i W_ik, grad_h (C) = dL/dh_k. logits is the forward's
-// output (it decides the predicted class when there are no labels, exactly as the forward did);
-// grad_loglik may be null (no gradient flows into loglik). Columns are summed in row order by
-// one thread each, so the results do not depend on the thread count.
+// Splits W = dL/dd into each row's own-class entry own[i] = W_{i,c_i} (c_i: the label, or the
+// predicted class without labels, returned in cls) and the rest, coeff (N x C, zero at c_i),
+// with its column sums colsum (C); grad_h (C) = dL/dh_k. logits is the forward's output (it
+// decides the predicted class exactly as the forward did); grad_loglik may be null. Columns
+// are summed in row order by one thread each, so results do not depend on the thread count.
+//
+// Why the split: a sample sits close to its own class mean, where the GEMM expansion of
+// sum_i W_ik (x_ij - mu_kj)^2 cancels badly (well-separated classes: ~|mu|^2/sigma^2); the
+// own-class terms are one per row, so lgm_backward_assemble() sums them from direct
+// differences in O(N*D) and only the far-class rest goes through the host's GEMMs.
 template <typename T, typename L>
 Status lgm_backward_coeffs(MatrixView<const T> grad_logits, const T* grad_loglik,
                            MatrixView<const T> logits, MatrixView<const T> log_var,
                            int64_t feat_dim, LabelView<L> labels, double alpha,
-                           bool include_logdet, MatrixView<T> coeff, T* colsum, T* grad_h);
+                           bool include_logdet, MatrixView<T> coeff, T* colsum, T* grad_h,
+                           T* own, int64_t* cls);
 
-// The gradients from the host's four GEMMs (see the top of this file).
-// wp: N x Dv, wmp: N x D, wtx: C x D, wtx2: C x Dv. Outputs: grad_x N x D, grad_means C x D,
-// grad_log_var C x Dv.
+// The gradients from the host's four GEMMs of coeff (see the top of this file) plus the direct
+// own-class terms. wp: N x Dv, wmp: N x D, wtx: C x D, wtx2: C x Dv. Outputs: grad_x N x D,
+// grad_means C x D, grad_log_var C x Dv.
 template <typename T>
 Status lgm_backward_assemble(MatrixView<const T> x, MatrixView<const T> means,
                              MatrixView<const T> log_var, const T* offset, const T* colsum,
-                             const T* grad_h, MatrixView<const T> wp, MatrixView<const T> wmp,
+                             const T* grad_h, const T* own, const int64_t* cls,
+                             MatrixView<const T> wp, MatrixView<const T> wmp,
                              MatrixView<const T> wtx, MatrixView<const T> wtx2,
                              MatrixView<T> grad_x, MatrixView<T> grad_means,
                              MatrixView<T> grad_log_var);
