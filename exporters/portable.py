@@ -108,8 +108,10 @@ def build_lsoftmax_linear(
     f = b.op("GatherElements", logits, idx, axis=1)  # target logits [N, 1]
     w_t = b.op("Gather", w, labels, axis=0)  # target weight rows [N, D]
     axes = b.int64([1])
-    norm_x = b.op("ReduceL2", x, axes, keepdims=1)
-    norm_w = b.op("ReduceL2", w_t, axes, keepdims=1)
+    # Sqrt of ReduceSumSquare rather than ReduceL2: onnxruntime 1.16's ReduceL2 loses precision
+    # in float64 (~1e-7 relative).
+    norm_x = b.op("Sqrt", b.op("ReduceSumSquare", x, axes, keepdims=1))
+    norm_w = b.op("Sqrt", b.op("ReduceSumSquare", w_t, axes, keepdims=1))
     one, two = b.like(1.0, x), b.like(2.0, x)
     tiny = b.like(_DEGENERATE_NORM, x)
     degenerate = b.op("Or", b.op("Less", norm_x, tiny), b.op("Less", norm_w, tiny))

@@ -1,0 +1,104 @@
+"""Small models with an L-Softmax head, shared by the ONNX / ONNX Runtime tests.
+
+``MLP`` and ``CNN`` return the plain logits of their ``LSoftmaxLinear`` head (the inference
+graph); ``WithLabels(model, margin, lam)`` returns the margin logits through
+``lsoftmax_logits(feat, head.weight, target, margin, lam)`` with a float ``lam``, the graph the
+exporter can translate with labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lsoftmax.torch import LSoftmaxLinear
+from lsoftmax.torch.functional import lsoftmax_logits
+
+NUM_CLASSES = 7
+
+
+class MLP(nn.Module):
+    input_shape = (12,)
+
+    def __init__(self, margin: int = 4, feat_dim: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, feat_dim), nn.Tanh())
+        self.head = LSoftmaxLinear(feat_dim, NUM_CLASSES, margin=margin)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class CNN(nn.Module):
+    input_shape = (1, 8, 8)
+
+    def __init__(self, margin: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()
+        )
+        self.head = LSoftmaxLinear(64, NUM_CLASSES, margin=margin)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class WithLabels(nn.Module):
+    """``model``'s margin logits for ``(x, target)``: the graph exported with labels."""
+
+    def __init__(self, model: nn.Module, margin: int, lam: float) -> None:
+        super().__init__()
+        self.model = model
+        self.margin = margin
+        self.lam = lam
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        feat = self.model.features(x)
+        return lsoftmax_logits(feat, self.model.head.weight, target, self.margin, self.lam)
+
+
+def make(kind: str, dtype: torch.dtype, margin: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = {"mlp": MLP, "cnn": CNN}[kind](margin=margin)
+    return model.to(dtype).eval()
+
+
+def inputs(
+    model: nn.Module, batch: int, dtype: torch.dtype, seed: int = 1
+) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *model.input_shape), generator=g, dtype=dtype)  # type: ignore[misc]
+    t = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    return x, t
+
+
+def feeds(session: object, *arrays: Tensor | np.ndarray) -> dict[str, np.ndarray]:
+    names = [i.name for i in session.get_inputs()]  # type: ignore[attr-defined]
+    assert len(names) == len(arrays), (names, len(arrays))
+    return {
+        n: (a.detach().numpy() if isinstance(a, Tensor) else a)
+        for n, a in zip(names, arrays, strict=True)
+    }
+
+
+def with_margin(proto: object, margin: int) -> object:
+    """A copy of an exported model (``ai.lsoftmax`` nodes) with every node's margin set to
+    ``margin``: a torch export costs ~2 s, so margin sweeps reuse one exported graph."""
+    import onnx
+
+    assert isinstance(proto, onnx.ModelProto)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for node in out.graph.node:
+        if node.domain == "ai.lsoftmax":
+            for attr in node.attribute:
+                if attr.name == "margin":
+                    attr.i = margin
+    return out
