@@ -17,7 +17,7 @@
 #define LSOFTMAX_ORT_CPU_OPS(X) X(LSoftmaxLinearCpuOps)
 
 #ifdef LSOFTMAX_WITH_CUDA
-#define LSOFTMAX_ORT_CUDA_OPS(X)
+#define LSOFTMAX_ORT_CUDA_OPS(X) X(LSoftmaxLinearCudaOps)
 #else
 #define LSOFTMAX_ORT_CUDA_OPS(X)
 #endif

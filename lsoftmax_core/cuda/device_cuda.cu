@@ -76,6 +76,17 @@ Status scratch_free(void* stream, void* ptr) {
                              "cudaFreeAsync");
 }
 
+Status copy_async(void* stream, void* dst, const void* src, size_t bytes) {
+  return detail::cuda_status(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream)),
+      "cudaMemcpyAsync");
+}
+
+Status memset_async(void* stream, void* dst, int value, size_t bytes) {
+  return detail::cuda_status(cudaMemsetAsync(dst, value, bytes, static_cast<cudaStream_t>(stream)),
+                             "cudaMemsetAsync");
+}
+
 Status copy_to_host_sync(void* stream, void* dst, const void* src, size_t bytes) {
   auto s = static_cast<cudaStream_t>(stream);
   Status st = detail::cuda_status(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s),

@@ -101,6 +101,13 @@ bool uses_segmented_scatter(DType dtype, bool deterministic);
 Status scratch_alloc(void* stream, size_t bytes, bool zero, void** ptr);
 Status scratch_free(void* stream, void* ptr);
 
+// Asynchronous copy on `stream` (any direction: cudaMemcpyDefault). From pageable host memory
+// it returns once the source has been staged, so the source may be released right after.
+Status copy_async(void* stream, void* dst, const void* src, size_t bytes);
+
+// Asynchronous memset on `stream`.
+Status memset_async(void* stream, void* dst, int value, size_t bytes);
+
 // Device-to-host copy on `stream` followed by a wait for that stream (small reads only).
 Status copy_to_host_sync(void* stream, void* dst, const void* src, size_t bytes);
 
