@@ -80,7 +80,10 @@ def _pair(layer: CaffeLayer, p: Any, name: str, default: int | None, path: str) 
     """Caffe's conv/pool geometry fields: ``name_h``/``name_w`` win over ``name``."""
     h, w = f"{name}_h", f"{name}_w"
     if p.HasField(h) or p.HasField(w):
-        if not (p.HasField(h) and p.HasField(w)):
+        # Caffe's ConvolutionLayer takes pad_h or pad_w alone (the other stays 0); everything
+        # else (pooling, kernel and stride sizes) needs both.
+        lone_ok = name == "pad" and not isinstance(getattr(p, name), int)
+        if not lone_ok and not (p.HasField(h) and p.HasField(w)):
             _fail(path, layer, f"{h} and {w} must be given together")
         return int(getattr(p, h)), int(getattr(p, w))
     v = getattr(p, name if name != "kernel" else "kernel_size")
@@ -492,15 +495,24 @@ class _Converter:
             _fail(self.path, layer, "cannot tell the input size: give input_shape")
         mm = p.margin_mul
         alpha = float(mm.value)
+        schedule = None
         note = f"alpha={alpha:g}"
         if p.HasField("margin_mul") and mm.policy != 0:
-            policy = (
-                mm.DESCRIPTOR.fields_by_name["policy"].enum_type.values_by_number[mm.policy].name
-            )
-            note += (
-                f" (source schedule {policy}: gamma={mm.gamma:g} step={mm.step} "
-                f"max={mm.max:g}; initial value used)"
-            )
+            from lsoftmax.schedules import StepUp
+
+            policy = mm.DESCRIPTOR.fields_by_name["policy"].enum_type.values_by_number
+            if mm.policy == 1:
+                try:
+                    schedule = StepUp(alpha, float(mm.gamma), int(mm.step), float(mm.max))
+                except (ValueError, TypeError) as e:
+                    _fail(self.path, layer, f"bad margin_mul schedule: {e}")
+                note = f"alpha: {schedule}"
+                if mm.iter:
+                    note += f" (source starts at iter {mm.iter}: set the module's step)"
+            else:
+                note += f" (source policy {policy[mm.policy].name} not supported: held constant)"
+        # The diagonal floor of Caffe's sigma is below LGMLoss's default log-variance floor.
+        floor = math.log(ISO_SIGMA_OFFSET if iso else DIAG_SIGMA_FLOOR)
         try:
             head = LGMLoss(
                 n,
@@ -510,6 +522,8 @@ class _Converter:
                 isotropic=iso,
                 learn_variance=bool(p.update_sigma),
                 include_logdet=False,
+                alpha_schedule=schedule,
+                log_var_floor=floor,
             )
         except (ValueError, TypeError) as e:
             _fail(self.path, layer, f"cannot build LGMLoss: {e}")

@@ -56,7 +56,7 @@ def _head_keys(arrays: Mapping[str, np.ndarray], path: str) -> tuple[str, str]:
 def _lgm_from_arrays(
     mean: np.ndarray, var: np.ndarray, path: str, alpha: float, lambda_lkd: float
 ) -> nn.Module:
-    from lsoftmax.torch.lgm import LGMLoss
+    from lsoftmax.torch.lgm import LOG_VAR_FLOOR, LGMLoss
 
     if mean.ndim != 2 or mean.size == 0:
         raise ValueError(f"{path}: L-GM mean must be (classes, dim), got {list(mean.shape)}")
@@ -70,6 +70,8 @@ def _lgm_from_arrays(
         raise ValueError(f"{path}: L-GM var must be positive and finite")
     if not np.all(np.isfinite(mean)):
         raise ValueError(f"{path}: L-GM mean must be finite")
+    # Keep every stored variance as it is: lower LGMLoss's floor when the file goes below it.
+    floor = min(LOG_VAR_FLOOR, float(np.log(var64.min())))
     lgm = LGMLoss(
         c,
         d,
@@ -78,6 +80,7 @@ def _lgm_from_arrays(
         isotropic=var.shape[1] == 1 and d > 1,
         learn_variance=True,
         include_logdet=True,
+        log_var_floor=floor,
     )
     with torch.no_grad():
         lgm.means.copy_(torch.from_numpy(mean.astype(np.float64)))
