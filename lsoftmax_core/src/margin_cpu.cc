@@ -16,10 +16,15 @@ namespace {
 // the full add latency per element (this loop dominated the layer's overhead); the fixed order
 // keeps results independent of the thread count. kUnit lets the compiler vectorize the common
 // contiguous case.
+constexpr int kLanes = 8;
+
+inline double lane_sum(const double (&acc)[kLanes]) {
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 template <bool kUnit, typename T>
 double dot_strided(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
   if (kUnit) sa = sb = 1;
-  constexpr int kLanes = 8;
   double acc[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
@@ -28,7 +33,44 @@ double dot_strided(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
     }
   }
   for (; d < n; ++d) acc[0] += static_cast<double>(a[d * sa]) * static_cast<double>(b[d * sb]);
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  return lane_sum(acc);
+}
+
+struct RowDots {
+  double xx, ww, xw;
+};
+
+// |x_i|^2, |w_t|^2 and <x_i, w_t> in one pass (the backward needs all three), summed exactly as
+// dot_strided sums each of them.
+template <bool kUnit, typename T>
+RowDots row_dots_strided(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
+  if (kUnit) sa = sb = 1;
+  double aa[kLanes] = {}, bb[kLanes] = {}, ab[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const double u = static_cast<double>(a[(d + k) * sa]);
+      const double v = static_cast<double>(b[(d + k) * sb]);
+      aa[k] += u * u;
+      bb[k] += v * v;
+      ab[k] += u * v;
+    }
+  }
+  for (; d < n; ++d) {
+    const double u = static_cast<double>(a[d * sa]), v = static_cast<double>(b[d * sb]);
+    aa[0] += u * u;
+    bb[0] += v * v;
+    ab[0] += u * v;
+  }
+  return RowDots{lane_sum(aa), lane_sum(bb), lane_sum(ab)};
+}
+
+template <typename T>
+RowDots row_dots(const MatrixView<const T>& x, int64_t i, const MatrixView<const T>& w, int64_t t) {
+  const T* px = x.data + i * x.row_stride;
+  const T* pw = w.data + t * w.row_stride;
+  if (x.col_stride == 1 && w.col_stride == 1) return row_dots_strided<true>(px, 1, pw, 1, x.cols);
+  return row_dots_strided<false>(px, x.col_stride, pw, w.col_stride, x.cols);
 }
 
 // Accumulate in double whatever T is: the norms and the recomputed target logit then carry no
@@ -143,9 +185,10 @@ Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
   std::vector<RowGrad<T>> rows(static_cast<size_t>(n));
   detail::parallel_for(n, 4 * d + 8 * m, [&](int64_t i) {
     const int64_t t = static_cast<int64_t>(labels[i]);
-    const T nx = static_cast<T>(norm_row(x, i));
-    const T nw = static_cast<T>(norm_row(w, t));
-    const T f = static_cast<T>(dot_row(x, i, w, t));
+    const RowDots dots = row_dots(x, i, w, t);
+    const T nx = static_cast<T>(std::sqrt(dots.xx));
+    const T nw = static_cast<T>(std::sqrt(dots.ww));
+    const T f = static_cast<T>(dots.xw);
     const RowGrad<T> r = margin_row_grad(f, nx, nw, m, lam, grad_logits(i, t));
     rows[static_cast<size_t>(i)] = r;
     for (int64_t j = 0; j < d; ++j) grad_x(i, j) += r.delta * w(t, j) + r.coef_x * x(i, j);
