@@ -13,6 +13,8 @@ __all__ = ["check_inputs", "check_lambda", "check_margin", "lsoftmax_logits"]
 
 _FLOATS = (torch.float32, torch.float64)
 _LABELS = (torch.int32, torch.int64)
+# The CUDA kernels also take 16-bit inputs (their per-row math runs in float32).
+_CUDA_FLOATS = (torch.float16, torch.bfloat16)
 
 
 def check_margin(margin: object) -> int:
@@ -36,8 +38,10 @@ def check_inputs(x: Tensor, weight: Tensor, target: Tensor | None) -> None:
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+        if t.dtype not in _FLOATS and not (t.device.type == "cuda" and t.dtype in _CUDA_FLOATS):
+            raise TypeError(
+                f"{name} must be float32 or float64 (or float16/bfloat16 on CUDA), got {t.dtype}"
+            )
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     if x.dtype != weight.dtype:
