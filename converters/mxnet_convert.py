@@ -437,5 +437,6 @@ def from_mxnet(
         {"format": "mxnet", "symbol": sym_path, "params": params_path},
     )
     head_names = [nodes[h].name for h in heads]
-    net.output_names = [conv.builder.resolve(n) for n in head_names]
+    resolved = [conv.builder.resolve(n) for n in head_names]
+    net.output_names = [conv.builder.aliases.get(n, n) for n in resolved]
     return net.eval()
