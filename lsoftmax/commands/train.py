@@ -1,0 +1,162 @@
+"""``lsoftmax train``: train a model with an L-Softmax (or L-GM) head on a data set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lsoftmax.schedules import Schedule
+
+DATASET_CHOICES = ("digits", "fashion-mnist", "mnist", "cifar10")
+
+
+def add_schedule_args(p: argparse.ArgumentParser) -> None:
+    """The lambda-schedule options (shared with ``lsoftmax plot schedule``)."""
+    g = p.add_argument_group("lambda schedule (defaults: the paper's MNIST setting)")
+    g.add_argument(
+        "--schedule",
+        default="exponential",
+        help="exponential: max(lambda_min, base*(1+gamma*iter)^-power); "
+        "scaled: max(beta_min, beta*scale^step); constant: --lambda",
+    )
+    g.add_argument("--base", type=float, default=None, help="exponential: base (1000)")
+    g.add_argument("--gamma", type=float, default=None, help="exponential: gamma (2.5e-5)")
+    g.add_argument("--power", type=float, default=None, help="exponential: power (35)")
+    g.add_argument("--lambda-min", type=float, default=None, help="exponential: floor (0)")
+    g.add_argument("--beta", type=float, default=None, help="scaled: start (100)")
+    g.add_argument("--scale", type=float, default=None, help="scaled: factor per step (0.99)")
+    g.add_argument("--beta-min", type=float, default=None, help="scaled: floor (0)")
+    g.add_argument("--lambda", dest="lambda_", type=float, default=None, help="constant: value")
+
+
+def schedule_from_args(args: argparse.Namespace) -> Schedule:
+    from lsoftmax.train import make_schedule
+
+    return make_schedule(
+        args.schedule,
+        base=args.base,
+        gamma=args.gamma,
+        power=args.power,
+        lambda_min=args.lambda_min,
+        beta=args.beta,
+        scale=args.scale,
+        beta_min=args.beta_min,
+        value=args.lambda_,
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a classifier with an L-Softmax or L-GM head",
+        description="Train a classifier with an L-Softmax head (--margin 1 is the plain softmax "
+        "baseline) or an L-GM head (--loss lgm). Writes config.json, metrics.jsonl, "
+        "checkpoint.pt and final.json into --out.",
+    )
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASET_CHOICES)}")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory with the data files (default: where the Debian package installs them)",
+    )
+    p.add_argument("--model", default=None, help="mnist_net, feat2d_net or mlp (default: by data)")
+    p.add_argument("--loss", default="lsoftmax", help="lsoftmax (default) or lgm")
+    p.add_argument("--margin", type=int, default=4, help="integer margin m >= 1 (1 = softmax)")
+    add_schedule_args(p)
+    g = p.add_argument_group("model size")
+    g.add_argument("--width", type=int, default=None, help="conv channels of the first stage")
+    g.add_argument("--convs-per-stage", type=int, default=None, help="mnist_net: convs per stage")
+    g.add_argument("--feat-dim", type=int, default=None, help="feature (head input) size")
+    g.add_argument("--hidden", type=int, nargs="+", default=None, help="mlp: hidden layer sizes")
+    g = p.add_argument_group("L-GM head (--loss lgm)")
+    g.add_argument("--alpha", type=float, default=0.1, help="margin alpha (0.1)")
+    g.add_argument("--lambda-lkd", type=float, default=0.01, help="likelihood weight (0.01)")
+    g.add_argument("--isotropic", action="store_true", help="one variance per class")
+    g = p.add_argument_group("optimization (SGD with momentum, multistep LR like the paper)")
+    g.add_argument(
+        "--epochs", type=int, default=None, help="total epochs (10; on --resume: the saved one)"
+    )
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument(
+        "--milestones",
+        type=int,
+        nargs="*",
+        default=[],
+        help="epochs after which the LR is multiplied by --lr-gamma",
+    )
+    g.add_argument("--lr-gamma", type=float, default=0.1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--limit", type=int, default=None, help="use at most N training samples")
+    g.add_argument("--test-limit", type=int, default=None, help="use at most N test samples")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue RUN_DIR/checkpoint.pt (its config wins; --epochs may extend it)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lsoftmax.cli import CLIError
+
+    if args.dataset not in DATASET_CHOICES:
+        raise CLIError(
+            f"unknown --dataset {args.dataset!r}; expected one of {', '.join(DATASET_CHOICES)}"
+        )
+    if args.margin < 1:
+        raise CLIError(f"--margin must be an integer >= 1, got {args.margin}")
+    if args.loss not in ("lsoftmax", "lgm"):
+        raise CLIError(f"--loss must be 'lsoftmax' or 'lgm', got {args.loss!r}")
+    if args.loss == "lgm":
+        from lsoftmax.models import lgm_available
+
+        if not lgm_available():
+            raise CLIError(
+                "--loss lgm needs lsoftmax.torch.LGMLoss, which this installation does not have"
+            )
+    if args.resume is not None and not Path(args.resume).is_file():
+        raise CLIError(f"--resume: no such checkpoint file: {args.resume}")
+
+    from lsoftmax.train import TrainConfig, train
+
+    schedule = schedule_from_args(args)
+    overrides = {
+        "width": args.width,
+        "convs_per_stage": args.convs_per_stage,
+        "feat_dim": args.feat_dim,
+        "hidden": args.hidden,
+    }
+    cfg = TrainConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        model=args.model,
+        loss=args.loss,
+        margin=args.margin,
+        schedule=schedule.to_dict(),
+        model_overrides={k: v for k, v in overrides.items() if v is not None},
+        lgm={"alpha": args.alpha, "lambda_lkd": args.lambda_lkd, "isotropic": args.isotropic}
+        if args.loss == "lgm"
+        else {},
+        epochs=args.epochs if args.epochs is not None else (0 if args.resume else 10),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        milestones=sorted(args.milestones),
+        lr_gamma=args.lr_gamma,
+        seed=args.seed,
+        limit=args.limit,
+        test_limit=args.test_limit,
+        threads=args.threads,
+    )
+    train(cfg, args.out, resume=args.resume, progress=False if args.no_progress else None)
+    return 0
