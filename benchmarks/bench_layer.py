@@ -1,0 +1,262 @@
+"""Side-by-side cost of one training step (forward + backward, cross-entropy included).
+
+Candidates, measured interleaved in one run:
+  (a) ``nn.Linear(D, C, bias=False)`` + cross-entropy (the baseline every ratio refers to)
+  (b) ``lsoftmax.torch.LSoftmaxLinear(D, C, margin=4)`` in training mode with a target
+      + cross-entropy
+  (c) ``pytorch_metric_learning.losses.LargeMarginSoftmaxLoss(C, D, margin=4)`` (optional:
+      skipped with a note if the package is missing;
+      ``pip install pytorch-metric-learning torch==2.13.0``)
+
+The input x requires grad (as features coming out of a network do), so every candidate
+computes grad_x and grad_W. Each timed sample is one step; candidates take turns in a rotating
+order, so slow drifts in machine load hit all of them alike. The table gives medians and
+ratios to (a).
+
+Memory: "saved" is the memory an autograd graph keeps alive between forward and backward,
+beyond the input x and the weight: the bytes of the distinct tensors the step's graph saves
+for backward (through ``torch.autograd.graph.saved_tensors_hooks``) that are not x or the
+weight. With ``--device cuda`` the table also gives the peak of ``torch.cuda.max_memory_allocated``
+during a step, above the memory held before it.
+
+    python benchmarks/bench_layer.py --device cpu --sizes 10,1000,10000 --repeats 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import lsoftmax
+from lsoftmax import core
+from lsoftmax.torch import LSoftmaxLinear
+
+Step = Callable[[], Tensor]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def train_step(module: nn.Module, x: Tensor, loss_fn: Step) -> None:
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+    loss_fn().backward()
+
+
+def saved_bytes(module: nn.Module, x: Tensor, loss_fn: Step) -> int:
+    """Bytes of distinct tensors saved for backward, other than x and the module's parameters."""
+    exclude = {t.untyped_storage().data_ptr() for t in (x, *module.parameters())}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in exclude:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    return sum(seen.values())
+
+
+def cuda_peak_bytes(module: nn.Module, x: Tensor, loss_fn: Step) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    train_step(module, x, loss_fn)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def bench_size(
+    n: int, d: int, c: int, margin: int, repeats: int, warmup: int, device: torch.device
+) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    x = torch.randn(n, d, device=device, requires_grad=True)
+    y = torch.randint(0, c, (n,), device=device)
+    cands = build(n, d, c, margin, device, x, y)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        for module, fn in cands.values():
+            train_step(module, x, fn)
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    names = list(cands)
+    rng = random.Random(0)
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for name in names:
+            module, fn = cands[name]
+            sync()
+            t0 = time.perf_counter()
+            train_step(module, x, fn)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    out: dict[str, dict[str, float]] = {}
+    for name, (module, fn) in cands.items():
+        res = {
+            "median_ms": 1e3 * statistics.median(times[name]),
+            "q1_ms": 1e3 * float(np.percentile(times[name], 25)),
+            "q3_ms": 1e3 * float(np.percentile(times[name], 75)),
+            "saved_mib": saved_bytes(module, x, fn) / 2**20,
+        }
+        if device.type == "cuda":
+            res["peak_mib"] = cuda_peak_bytes(module, x, fn) / 2**20
+        out[name] = res
+    return out
+
+
+def build(
+    n: int, d: int, c: int, margin: int, device: torch.device, x: Tensor, y: Tensor
+) -> dict[str, tuple[nn.Module, Step]]:
+    del n
+    linear = nn.Linear(d, c, bias=False).to(device)
+    lsm = LSoftmaxLinear(d, c, margin=margin).to(device).train()
+    cands: dict[str, tuple[nn.Module, Step]] = {
+        "(a) linear": (linear, lambda: F.cross_entropy(linear(x), y)),
+        "(b) lsoftmax": (lsm, lambda: F.cross_entropy(lsm(x, y), y)),
+    }
+    try:
+        from pytorch_metric_learning.losses import LargeMarginSoftmaxLoss
+    except ImportError:
+        print("note: pytorch_metric_learning not installed; (c) skipped", file=sys.stderr)
+    else:
+        pml = LargeMarginSoftmaxLoss(num_classes=c, embedding_size=d, margin=margin).to(device)
+        cands["(c) pml"] = (pml, lambda: pml(x, y))
+    return cands
+
+
+def profile_lsoftmax(n: int, d: int, c: int, margin: int, device: torch.device) -> str:
+    x = torch.randn(n, d, device=device, requires_grad=True)
+    y = torch.randint(0, c, (n,), device=device)
+    module, fn = build(n, d, c, margin, device, x, y)["(b) lsoftmax"]
+    for _ in range(3):
+        train_step(module, x, fn)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(10):
+            train_step(module, x, fn)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
+NAMES = ("(a) linear", "(b) lsoftmax", "(c) pml")
+
+
+def table_row(c: int, r: dict[str, dict[str, float]], device: torch.device) -> str:
+    base = r[NAMES[0]]["median_ms"]
+
+    def cell(name: str, key: str, fmt: str = "{:.3f}") -> str:
+        return fmt.format(r[name][key]) if name in r else "n/a"
+
+    def ratio(name: str) -> str:
+        return f"{r[name]['median_ms'] / base:.2f}" if name in r else "n/a"
+
+    times = " | ".join(
+        f"{cell(k, 'median_ms')} [{cell(k, 'q1_ms', '{:.2f}')}-{cell(k, 'q3_ms', '{:.2f}')}]"
+        for k in NAMES
+    )
+    mem = " / ".join(cell(k, "saved_mib", "{:.2f}") for k in NAMES)
+    if device.type == "cuda":
+        mem += " | " + " / ".join(cell(k, "peak_mib", "{:.2f}") for k in NAMES)
+    return f"| {c} | {times} | {ratio(NAMES[1])} | {ratio(NAMES[2])} | {mem} |"
+
+
+def versions() -> dict[str, Any]:
+    v: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "lsoftmax": getattr(lsoftmax, "__version__", "dev"),
+    }
+    try:
+        import pytorch_metric_learning
+
+        v["pytorch-metric-learning"] = pytorch_metric_learning.__version__
+    except ImportError:
+        v["pytorch-metric-learning"] = "not installed"
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--sizes", default="10,1000,10000", help="comma-separated class counts C")
+    p.add_argument("--batch", type=int, default=256, help="N")
+    p.add_argument("--features", type=int, default=512, help="D")
+    p.add_argument("--margin", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=100, help="timed steps per candidate and size")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch and core threads (0: default)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each size, print a torch.profiler table of (b)'s steps (where the time goes)",
+    )
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available to torch")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+        core.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+
+    print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()}")
+    if device.type == "cuda":
+        print(f"gpu: {torch.cuda.get_device_name()}")
+    print(f"threads: torch {torch.get_num_threads()}, lsoftmax core {core.get_num_threads()}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(
+        f"N={args.batch} D={args.features} margin={args.margin} device={device} "
+        f"repeats={args.repeats} warmup={args.warmup}; step = forward + cross-entropy + backward"
+    )
+    print()
+    mem_cols = "saved MiB (a/b/c)" + (" | CUDA peak MiB (a/b/c)" if device.type == "cuda" else "")
+    print(f"| C | (a) ms | (b) ms | (c) ms | (b)/(a) | (c)/(a) | {mem_cols} |")
+    print("|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
+    profiles: list[tuple[int, str]] = []
+    for c in sizes:
+        r = bench_size(args.batch, args.features, c, args.margin, args.repeats, args.warmup, device)
+        print(table_row(c, r, device), flush=True)
+        if args.profile:
+            profiles.append(
+                (c, profile_lsoftmax(args.batch, args.features, c, args.margin, device))
+            )
+    for c, table in profiles:
+        print(f"\ntorch.profiler, (b) at C={c}, 10 steps:\n{table}")
+    print()
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print("times: median [quartiles] of single steps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
