@@ -1,8 +1,9 @@
 """The core's kernels on GPU arrays of any framework (torch, CuPy, ...), with no copies.
 
-Arrays are read through ``__cuda_array_interface__`` (pointer, shape, strides, typestr) and,
-when an object has none (or cannot express its dtype, as torch's bfloat16), through DLPack
-(``__dlpack__`` / ``__dlpack_device__``). The GEMMs are the caller's, as in :mod:`lsoftmax.core`:
+Arrays are read through ``__cuda_array_interface__`` (pointer, shape, strides, typestr; bfloat16
+is typestr ``<V2`` as torch and ml_dtypes write it) and, when an object has none, through DLPack
+(``__dlpack__`` / ``__dlpack_device__``; the capsule is kept alive until the launch is queued).
+The GEMMs are the caller's, as in :mod:`lsoftmax.core`:
 
 >>> import torch, lsoftmax.cuda as lc                       # doctest: +SKIP
 >>> logits = x @ w.T                                        # doctest: +SKIP
@@ -22,9 +23,12 @@ import ctypes
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from lsoftmax import _core
 
 __all__ = [
+    "DeviceArray",
     "available",
     "backward_workspace_size",
     "device_count",
@@ -33,7 +37,15 @@ __all__ = [
     "unavailable_reason",
 ]
 
-_TYPESTRS = {"f4": "float32", "f8": "float64", "f2": "float16", "i4": "int32", "i8": "int64"}
+# "V2" is bfloat16 by the convention torch and ml_dtypes follow (numpy has no bfloat16 type).
+_TYPESTRS = {
+    "f4": "float32",
+    "f8": "float64",
+    "f2": "float16",
+    "V2": "bfloat16",
+    "i4": "int32",
+    "i8": "int64",
+}
 _FLOATS = ("float32", "float64", "float16", "bfloat16")
 _INTS = ("int32", "int64")
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
@@ -87,9 +99,8 @@ def _typestr_dtype(name: str, typestr: Any) -> str:
         if dt is not None:
             return dt
     raise TypeError(
-        f"{name} has typestr {typestr!r}; lsoftmax.cuda takes float32/float64/float16 "
-        "('<f4', '<f8', '<f2') arrays and int32/int64 ('<i4', '<i8') labels "
-        "(bfloat16 through DLPack)"
+        f"{name} has typestr {typestr!r}; lsoftmax.cuda takes float32/float64/float16/bfloat16 "
+        "('<f4', '<f8', '<f2', '<V2') arrays and int32/int64 ('<i4', '<i8') labels"
     )
 
 
@@ -365,3 +376,46 @@ def _buffer(name: str, obj: Any) -> tuple[int, int]:
 def backward_workspace_size(n: int, num_classes: int, dtype: str, deterministic: bool) -> int:
     """Bytes of device workspace :func:`margin_backward_` needs (0 for the atomic path)."""
     return int(_core.cuda_backward_workspace_size(n, num_classes, dtype, deterministic))
+
+
+class DeviceArray:
+    """A device copy of a numpy array that exposes ``__cuda_array_interface__``.
+
+    For callers without a GPU array library (and for the tests, which then need no CUDA build
+    of torch): allocation and copies are synchronous, on the legacy default stream.
+    """
+
+    def __init__(self, array: Any) -> None:
+        a = np.ascontiguousarray(array)
+        self.shape: tuple[int, ...] = tuple(a.shape)
+        self.dtype = a.dtype
+        self.nbytes = int(a.nbytes)
+        self.ptr = 0
+        self.ptr = int(_core.cuda_malloc(max(self.nbytes, 1)))
+        if self.nbytes:
+            _core.cuda_memcpy(self.ptr, a.ctypes.data, self.nbytes)
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self.ptr, False),
+            "strides": None,
+            "version": 3,
+        }
+
+    def numpy(self) -> np.ndarray:
+        """A host copy."""
+        out = np.empty(self.shape, self.dtype)
+        if self.nbytes:
+            _core.cuda_memcpy(out.ctypes.data, self.ptr, self.nbytes)
+        return out
+
+    def __del__(self) -> None:
+        if self.ptr:
+            try:
+                _core.cuda_free(self.ptr)
+            except Exception:  # interpreter shutdown or a dead context: nothing left to do
+                pass
+            self.ptr = 0

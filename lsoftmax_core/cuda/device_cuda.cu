@@ -87,6 +87,11 @@ Status memset_async(void* stream, void* dst, int value, size_t bytes) {
                              "cudaMemsetAsync");
 }
 
+Status stream_synchronize(void* stream) {
+  return detail::cuda_status(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)),
+                             "cudaStreamSynchronize");
+}
+
 Status copy_to_host_sync(void* stream, void* dst, const void* src, size_t bytes) {
   auto s = static_cast<cudaStream_t>(stream);
   Status st = detail::cuda_status(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s),

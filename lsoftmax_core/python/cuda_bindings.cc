@@ -184,6 +184,41 @@ size_t workspace_size_py(int64_t n, int64_t num_classes, const std::string& dtyp
   return bytes;
 }
 
+// Plain device buffers for callers with no GPU array library (lsoftmax.cuda.DeviceArray):
+// synchronous, on the legacy default stream.
+uintptr_t malloc_py(size_t bytes) {
+  void* p = nullptr;
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = cuda::scratch_alloc(nullptr, bytes, true, &p);
+    if (s.ok()) s = cuda::stream_synchronize(nullptr);
+  }
+  raise_if_error(s);
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+void free_py(uintptr_t ptr) {
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = cuda::scratch_free(nullptr, reinterpret_cast<void*>(ptr));
+    if (s.ok()) s = cuda::stream_synchronize(nullptr);
+  }
+  raise_if_error(s);
+}
+
+void memcpy_py(uintptr_t dst, uintptr_t src, size_t bytes) {
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = cuda::copy_async(nullptr, reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src),
+                         bytes);
+    if (s.ok()) s = cuda::stream_synchronize(nullptr);
+  }
+  raise_if_error(s);
+}
+
 #else  // no CUDA compiled in
 
 [[noreturn]] void no_cuda() {
@@ -206,6 +241,9 @@ void backward_py(const MatrixSpec&, const MatrixSpec&, const MatrixSpec&, const 
 }
 
 size_t workspace_size_py(int64_t, int64_t, const std::string&, bool) { no_cuda(); }
+uintptr_t malloc_py(size_t) { no_cuda(); }
+void free_py(uintptr_t) { no_cuda(); }
+void memcpy_py(uintptr_t, uintptr_t, size_t) { no_cuda(); }
 
 #endif
 
@@ -251,6 +289,11 @@ void bind_cuda(py::module_& m) {
         py::arg("stream") = 0,
         "In place on the device: grad_x holds grad_logits @ weight, grad_weight holds "
         "grad_logits.T @ x; adds the margin terms.");
+  m.def("cuda_malloc", &malloc_py, py::arg("nbytes"),
+        "A zeroed device buffer (synchronous); returns its address. Free with cuda_free.");
+  m.def("cuda_free", &free_py, py::arg("ptr"));
+  m.def("cuda_memcpy", &memcpy_py, py::arg("dst"), py::arg("src"), py::arg("nbytes"),
+        "Synchronous copy between host and device addresses (any direction).");
   m.def("cuda_backward_workspace_size", &workspace_size_py, py::arg("n"), py::arg("num_classes"),
         py::arg("dtype"), py::arg("deterministic"),
         "Bytes of device workspace cuda_margin_backward_ needs (0 for the atomic path).");

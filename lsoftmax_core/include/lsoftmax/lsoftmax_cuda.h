@@ -108,6 +108,9 @@ Status copy_async(void* stream, void* dst, const void* src, size_t bytes);
 // Asynchronous memset on `stream`.
 Status memset_async(void* stream, void* dst, int value, size_t bytes);
 
+// Waits for all work on `stream`.
+Status stream_synchronize(void* stream);
+
 // Device-to-host copy on `stream` followed by a wait for that stream (small reads only).
 Status copy_to_host_sync(void* stream, void* dst, const void* src, size_t bytes);
 
