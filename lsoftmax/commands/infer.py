@@ -84,7 +84,10 @@ def _fit(array: Any, spec: Any, what: str) -> Any:
     rank = len(spec.shape)
     if array.ndim == rank - 1:
         array = array[None]
-    if array.ndim != rank:
+    fixed = [d if isinstance(d, int) else None for d in spec.shape]
+    if array.ndim != rank or any(
+        f is not None and f != n for f, n in zip(fixed, array.shape, strict=False)
+    ):
         raise CLIError(
             f"{what} has shape {array.shape} but model input {spec.name!r} has shape "
             f"{list(spec.shape)}"
