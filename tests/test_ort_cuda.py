@@ -1,0 +1,135 @@
+"""ONNX Runtime CUDA EP: the ``ai.lsoftmax::LSoftmaxLinear`` CUDA kernel against the CPU EP and
+the float64 reference, with every ``LSoftmaxLinear`` node placed on the CUDA EP (checked in the
+session profile, so a silent CPU fallback fails the test), and bad labels reported as errors.
+
+Needs an NVIDIA GPU and onnxruntime-gpu; ``benchmarks/gpu_check.sh`` runs it on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from lsoftmax.exporters import export_onnx, finalize
+from onnx_models import WithLabels, feeds, inputs, make, with_margin
+from reference import lsoftmax_reference, max_rel_err
+
+import lsoftmax.cuda as lc
+from lsoftmax import ort as lort
+
+ORT_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+READY = ORT_CUDA and lc.available()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not READY,
+        reason="needs an NVIDIA GPU with a CUDA driver and onnxruntime-gpu "
+        "(CUDAExecutionProvider); run benchmarks/gpu_check.sh on a GPU machine",
+    ),
+]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+LAM = 0.5
+CASES = pytest.mark.parametrize(
+    ("kind", "dtype"),
+    [("mlp", torch.float32), ("mlp", torch.float64), ("cnn", torch.float32)],
+    ids=["mlp-f32", "mlp-f64", "cnn-f32"],
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    cache: dict[tuple[str, torch.dtype, bool], tuple[torch.nn.Module, onnx.ModelProto]] = {}
+    tmp = tmp_path_factory.mktemp("ort_cuda")
+
+    def get(kind: str, dtype: torch.dtype, with_labels: bool) -> Any:
+        key = (kind, dtype, with_labels)
+        if key not in cache:
+            model = make(kind, dtype)
+            x, t = inputs(model, 3, dtype)
+            net = WithLabels(model, 4, LAM) if with_labels else model
+            args = (x, t) if with_labels else (x,)
+            cache[key] = (model, export_onnx(net, args, tmp / "m.onnx", mode="custom"))
+        return cache[key]
+
+    return get
+
+
+def _session(proto: onnx.ModelProto, provider: str, profile_dir: Path | None = None) -> Any:
+    so = onnxruntime.SessionOptions()
+    so.register_custom_ops_library(lort.library_path())
+    if profile_dir is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_dir / "ort_profile")
+    if provider == "cuda":
+        # TF32 off: parity with the CPU EP is measured at float32 precision.
+        providers: list[Any] = [
+            ("CUDAExecutionProvider", {"use_tf32": "0"}),
+            "CPUExecutionProvider",
+        ]
+    else:
+        providers = ["CPUExecutionProvider"]
+    return onnxruntime.InferenceSession(proto.SerializeToString(), so, providers=providers)
+
+
+def _lsoftmax_placements(sess: Any) -> list[str]:
+    """The execution provider of every LSoftmaxLinear kernel run in the session's profile."""
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    return [
+        e["args"]["provider"]
+        for e in events
+        if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "LSoftmaxLinear"
+    ]
+
+
+@pytest.mark.parametrize("mode", ["custom", "function"])
+@pytest.mark.parametrize("with_labels", [False, True])
+@CASES
+def test_cuda_ep_matches_cpu_ep_and_runs_on_cuda(
+    exported: Any, kind: str, dtype: torch.dtype, with_labels: bool, mode: str, tmp_path: Path
+) -> None:
+    model, proto = exported(kind, dtype, with_labels)
+    for margin in range(1, 9):
+        graph = finalize(with_margin(proto, margin), mode)
+        cuda = _session(graph, "cuda", tmp_path)
+        cpu = _session(graph, "cpu")
+        x, t = inputs(model, 13, dtype, seed=margin)
+        args = (x, t) if with_labels else (x,)
+        got = cuda.run(None, feeds(cuda, *args))[0]
+        want = cpu.run(None, feeds(cpu, *args))[0]
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert max_rel_err(got, want) <= TOL[dtype]
+        placements = _lsoftmax_placements(cuda)
+        assert placements and set(placements) == {"CUDAExecutionProvider"}, placements
+
+
+@CASES
+def test_cuda_ep_margin_logits_match_reference(
+    exported: Any, kind: str, dtype: torch.dtype
+) -> None:
+    model, proto = exported(kind, dtype, True)
+    sess = _session(proto, "cuda")
+    x, t = inputs(model, 9, dtype, seed=5)
+    got = sess.run(None, feeds(sess, x, t))[0]
+    with torch.no_grad():
+        feat = model.features(x)
+    ref = lsoftmax_reference(feat, model.head.weight.detach(), t, 4, LAM)
+    assert max_rel_err(got, ref) <= TOL[dtype]
+
+
+def test_cuda_ep_bad_labels_are_an_error(exported: Any) -> None:
+    model, proto = exported("mlp", torch.float32, True)
+    sess = _session(proto, "cuda")
+    x, t = inputs(model, 4, torch.float32)
+    bad = t.numpy().copy()
+    bad[1] = 99
+    with pytest.raises(Exception, match=r"labels\[1\] = 99 is out of range"):
+        sess.run(None, feeds(sess, x, bad))
+    # The session is still usable after the error.
+    got = sess.run(None, feeds(sess, x, t))[0]
+    assert np.isfinite(got).all()
