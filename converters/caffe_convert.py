@@ -116,6 +116,7 @@ class _Converter:
     shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
     by_name: dict[str, CaffeLayer] = field(default_factory=dict)
     by_param: dict[str, np.ndarray | CaffeBlob] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.weights is not None:
@@ -136,6 +137,7 @@ class _Converter:
         """The caffemodel's blobs for ``layer`` (None without a caffemodel)."""
         if self.weights is None:
             return None
+        self.used.add(layer.name)
         wpath = self.weights.path
         src = self.by_name.get(layer.name)
         if src is not None:
@@ -675,6 +677,14 @@ def from_caffe(
         if layer.type != "Input":
             conv.check_bottoms(layer, 1)
         handlers[layer.type](layer)
+    for layer in layers:
+        src = conv.by_name.get(layer.name)
+        if src is not None and layer.name not in conv.used:
+            # Caffe's CopyTrainedLayersFrom refuses this too ("Incompatible number of blobs").
+            raise ValueError(
+                f"{conv.weights.path if conv.weights else ''}: layer {layer.name!r} has "
+                f"{len(src.blobs)} blobs, but a {layer.type} in {proto.path} takes none"
+            )
     source = {
         "format": "caffe",
         "prototxt": os.fspath(prototxt),

@@ -17,7 +17,14 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from lsoftmax.converters.proto_schema import load_proto
 
-__all__ = ["CaffeBlob", "CaffeLayer", "read_caffemodel", "read_prototxt", "schema"]
+__all__ = [
+    "CaffeBlob",
+    "CaffeLayer",
+    "parse_caffemodel",
+    "read_caffemodel",
+    "read_prototxt",
+    "schema",
+]
 
 # Caffe's UpgradeV1LayerType: V1 enum name -> layer type string.
 V1_TYPES = {
@@ -232,7 +239,11 @@ def read_prototxt(path: str | os.PathLike[str]) -> CaffeNet:
 def read_caffemodel(path: str | os.PathLike[str]) -> CaffeNet:
     """Parse a binary ``NetParameter`` (a Caffe snapshot)."""
     p = os.fspath(path)
-    raw = _read_bytes(p)
+    return parse_caffemodel(_read_bytes(p), p)
+
+
+def parse_caffemodel(raw: bytes, p: str) -> CaffeNet:
+    """``read_caffemodel`` on bytes already read (``p`` names them in errors)."""
     if not raw:
         raise ValueError(f"{p}: empty file, not a caffemodel")
     net = schema()["caffe.NetParameter"]()

@@ -410,20 +410,23 @@ def from_mxnet(
                 f"{sym_path}: node {node.name!r} has unsupported op {conv.op_name(node)!r} "
                 f"(supported: {', '.join(SUPPORTED_OPS)})"
             )
-    # Inputs: null nodes that are not stored params. The label is what a loss/L-Softmax reads.
-    stored = {k.split(":", 1)[1] if k[:4] in ("arg:", "aux:") else k for k in conv.params}
+    # Inputs: null nodes read as data (input 0) or as labels; null nodes read at any other
+    # position are parameters, which must then be in the params file.
     label_ids = {
         n.inputs[1]
         for n in nodes
         if conv.op_name(n) in ("SoftmaxOutput", "LSoftmax", "Custom:LSoftmax") and len(n.inputs) > 1
     }
-    free = [n for n in nodes if n.op == "null" and n.name not in stored]
+    param_ids = {
+        j for n in nodes for j in n.inputs[1:] if nodes[j].op == "null" and j not in label_ids
+    }
+    free = [n for n in nodes if n.op == "null" and n.index not in param_ids]
     labels = [n for n in free if n.index in label_ids]
     datas = [n for n in free if n.index not in label_ids]
     if len(datas) != 1 or len(labels) > 1:
         raise ValueError(
-            f"{sym_path}: expected one data input and at most one label, found inputs "
-            f"{[n.name for n in free]} not stored in {params_path}"
+            f"{sym_path}: expected one data input and at most one label, found "
+            f"{[n.name for n in free]}"
         )
     data_name = conv.builder.define_input(datas[0].name)
     label_name = conv.builder.define_input(labels[0].name) if labels else None

@@ -20,7 +20,7 @@ import struct
 
 import numpy as np
 
-__all__ = ["LIST_MAGIC", "NDARRAY_MAGICS", "read_params"]
+__all__ = ["LIST_MAGIC", "NDARRAY_MAGICS", "parse_params", "read_params"]
 
 LIST_MAGIC = 0x112
 V1_MAGIC, V2_MAGIC, V3_MAGIC = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
@@ -108,6 +108,11 @@ def read_params(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             data = fh.read()
     except OSError as e:
         raise ValueError(f"cannot read {p!r}: {e.strerror or e}") from e
+    return parse_params(data, p)
+
+
+def parse_params(data: bytes, p: str) -> dict[str, np.ndarray]:
+    """``read_params`` on bytes already read (``p`` names them in errors)."""
     r = _Reader(data, p)
     if len(data) < 24:
         raise ValueError(f"{p}: {len(data)} bytes, too short for an MXNet .params file")

@@ -394,7 +394,6 @@ def test_prototxt_without_weights_initializes(tmp_path: Path) -> None:
 def test_original_prototxts_parse_and_build() -> None:
     for name, shape in [
         ("lsoftmax_mnist_train_test", (1, 1, 28, 28)),
-        ("lsoftmax_cifar10_train_test", (1, 3, 32, 32)),
         ("lgm_cifar100_simple_trainval", (1, 3, 32, 32)),
     ]:
         net = from_caffe(FIXTURES / "caffe" / "prototxt" / f"{name}.prototxt", input_shape=shape)
