@@ -1,0 +1,209 @@
+// CPU kernel of ai.lsoftmax::LGMLogits (see lgm_logits_op.h and lsoftmax_core's lgm.h).
+#include "lgm_logits_op.h"
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lsoftmax/lgm.h"
+
+namespace lsoftmax_ort {
+namespace {
+
+// ORT's Gemm computing Y = A B^T. Op::Create applies no schema defaults, so every attribute is
+// given explicitly.
+template <typename T>
+Ort::Op make_gemm_abt(const OrtKernelInfo* info) {
+  const char* type_names[] = {"T"};
+  const ONNXTensorElementDataType types[] = {onnx_type<T>()};
+  const float alpha = 1.0f, beta = 0.0f;
+  const int64_t trans_a = 0, trans_b = 1;
+  Ort::OpAttr attrs[] = {
+      Ort::OpAttr("alpha", &alpha, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
+      Ort::OpAttr("beta", &beta, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
+      Ort::OpAttr("transA", &trans_a, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+      Ort::OpAttr("transB", &trans_b, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+  };
+  return Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attrs, 4, /*inputs=*/2,
+                         /*outputs=*/1);
+}
+
+template <typename T>
+Ort::Value wrap(const Ort::MemoryInfo& mem, std::vector<T>& buf, int64_t rows, int64_t cols) {
+  const int64_t shape[] = {rows, cols};
+  return Ort::Value::CreateTensor<T>(mem, buf.data(), buf.size(), shape, 2);
+}
+
+std::string shape_of(const Ort::ConstValue& v) {
+  return shape_string(v.GetTensorTypeAndShapeInfo().GetShape());
+}
+
+}  // namespace
+
+template <typename T>
+OrtStatus* LGMLogitsKernel<T>::ComputeV2(OrtKernelContext* context) {
+  return guarded(kLGMLogits, [&]() -> OrtStatus* {
+    kernel_calls().fetch_add(1, std::memory_order_relaxed);
+    Ort::KernelContext ctx(context);
+    const Ort::ConstValue x = ctx.GetInput(0);
+    const Ort::ConstValue means = ctx.GetInput(1);
+    const Ort::ConstValue log_var = ctx.GetInput(2);
+    const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> ms = means.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> ls = log_var.GetTensorTypeAndShapeInfo().GetShape();
+    if (xs.size() != 2) {
+      return invalid_argument(kLGMLogits, "input X must be 2-D (N, D), got shape " + shape_string(xs));
+    }
+    if (ms.size() != 2) {
+      return invalid_argument(kLGMLogits,
+                              "input means must be 2-D (C, D), got shape " + shape_string(ms));
+    }
+    if (ls.size() != 2) {
+      return invalid_argument(kLGMLogits, "input log_var must be 2-D (C, D) or (C, 1), got shape " +
+                                              shape_string(ls));
+    }
+    const int64_t n = xs[0], d = xs[1], c = ms[0], dv = ls[1];
+    Ort::ConstValue labels{nullptr};
+    if (ctx.GetInputCount() > 3) labels = ctx.GetInput(3);
+    ONNXTensorElementDataType label_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    if (labels) {
+      const Ort::TensorTypeAndShapeInfo li = labels.GetTensorTypeAndShapeInfo();
+      label_type = li.GetElementType();
+      if (label_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
+          label_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
+        return invalid_argument(kLGMLogits, std::string("input labels must be int64 or int32, got ") +
+                                                type_name(label_type));
+      }
+      const std::vector<int64_t> lbs = li.GetShape();
+      if (lbs.size() != 1 || lbs[0] != n) {
+        return invalid_argument(kLGMLogits, "input labels must have shape (" + std::to_string(n) +
+                                                ",) to match X, got " + shape_of(labels));
+      }
+    }
+
+    using lsoftmax::MatrixView;
+    const T* xp = x.GetTensorData<T>();
+    const auto xv = MatrixView<const T>::contiguous(xp, n, d);
+    const auto mv = MatrixView<const T>::contiguous(means.GetTensorData<T>(), c, ms[1]);
+    const auto lv = MatrixView<const T>::contiguous(log_var.GetTensorData<T>(), ls[0], dv);
+    std::vector<T> offset(static_cast<size_t>(ms[1])), precision(static_cast<size_t>(ls[0] * dv)),
+        scaled(static_cast<size_t>(c * ms[1]));
+    lsoftmax::Status s = lsoftmax::lgm_prepare<T>(
+        mv, lv, offset.data(), MatrixView<T>::contiguous(precision.data(), ls[0], dv),
+        MatrixView<T>::contiguous(scaled.data(), c, ms[1]));
+    if (s.ok() && d != ms[1]) {
+      s = lsoftmax::Status::InvalidArgument("input X has " + std::to_string(d) +
+                                            " features per row but input means has " +
+                                            std::to_string(ms[1]));
+    }
+    if (!s.ok()) return to_ort_status(kLGMLogits, s);
+
+    Ort::UnownedValue logits = ctx.GetOutput(0, {n, c});
+    Ort::UnownedValue loglik = ctx.GetOutput(1, {n});
+    if (n == 0) return nullptr;
+    T* zp = logits.GetTensorMutableData<T>();
+
+    // The GEMM terms on the centred features (see lgm.h): B = xc @ scaled^T into the logits,
+    // and for diagonal variances A = xc^2 @ precision^T.
+    const Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    std::vector<T> xc(static_cast<size_t>(n * d));
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < d; ++j) xc[static_cast<size_t>(i * d + j)] = xp[i * d + j] - offset[static_cast<size_t>(j)];
+    }
+    Ort::Value xc_v = wrap(mem, xc, n, d);
+    Ort::Value scaled_v = wrap(mem, scaled, c, d);
+    {
+      const OrtValue* in[] = {xc_v, scaled_v};
+      OrtValue* out[] = {static_cast<OrtValue*>(logits)};
+      gemm_.Invoke(context, in, 2, out, 1);
+    }
+    const bool diag = dv == d;
+    std::vector<T> sq_term;
+    MatrixView<const T> sq_view;
+    if (diag) {
+      for (T& v : xc) v = v * v;
+      sq_term.resize(static_cast<size_t>(n * c));
+      Ort::Value prec_v = wrap(mem, precision, c, d);
+      Ort::Value sq_v = wrap(mem, sq_term, n, c);
+      const OrtValue* in[] = {xc_v, prec_v};  // xc now holds xc^2
+      OrtValue* out[] = {static_cast<OrtValue*>(sq_v)};
+      gemm_.Invoke(context, in, 2, out, 1);
+      sq_view = MatrixView<const T>::contiguous(sq_term.data(), n, c);
+    }
+    const auto zv = MatrixView<T>::contiguous(zp, n, c);
+    T* llp = loglik.GetTensorMutableData<T>();
+    if (label_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) {
+      s = lsoftmax::lgm_forward<T, int64_t>(xv, mv, lv, offset.data(), sq_view,
+                                            {labels.GetTensorData<int64_t>(), n, 1}, zv, llp,
+                                            alpha_, include_logdet_);
+    } else if (label_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
+      s = lsoftmax::lgm_forward<T, int32_t>(xv, mv, lv, offset.data(), sq_view,
+                                            {labels.GetTensorData<int32_t>(), n, 1}, zv, llp,
+                                            alpha_, include_logdet_);
+    } else {
+      s = lsoftmax::lgm_forward<T, int64_t>(xv, mv, lv, offset.data(), sq_view, {}, zv, llp,
+                                            alpha_, include_logdet_);
+    }
+    return to_ort_status(kLGMLogits, s);
+  });
+}
+
+template <typename T>
+LGMLogitsOp<T>::LGMLogitsOp() {
+  // Declare the oldest API whose OrtCustomOp fields we fill (see LSoftmaxLinearOp).
+  OrtCustomOp::version = kMinOrtApiVersion;
+}
+
+template <typename T>
+OrtStatus* LGMLogitsOp<T>::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info,
+                                          void** kernel) const {
+  return guarded(kLGMLogits, [&]() -> OrtStatus* {
+    float alpha = kLGMLogitsDefaultAlpha;
+    if (!try_attribute(info, "alpha", &alpha)) {
+      int64_t as_int = 0;
+      if (try_attribute(info, "alpha", &as_int)) {
+        return invalid_argument(kLGMLogits, "attribute 'alpha' must be a float, got an int");
+      }
+    }
+    int64_t include_logdet = kLGMLogitsDefaultIncludeLogdet;
+    if (!try_attribute(info, "include_logdet", &include_logdet)) {
+      float as_float = 0.0f;
+      if (try_attribute(info, "include_logdet", &as_float)) {
+        return invalid_argument(kLGMLogits, "attribute 'include_logdet' must be an int (0 or 1)");
+      }
+    }
+    if (include_logdet != 0 && include_logdet != 1) {
+      return invalid_argument(kLGMLogits, "attribute 'include_logdet' must be 0 or 1, got " +
+                                              std::to_string(include_logdet));
+    }
+    const lsoftmax::Status s = lsoftmax::validate_lgm_alpha(alpha);
+    if (!s.ok()) return invalid_argument(kLGMLogits, "attribute " + s.message());
+    *kernel = new LGMLogitsKernel<T>(make_gemm_abt<T>(info), alpha, include_logdet == 1);
+    return nullptr;
+  });
+}
+
+template <typename T>
+ONNXTensorElementDataType LGMLogitsOp<T>::GetInputType(size_t index) const {
+  // labels: any type here, so that float labels get a run-time error naming the input.
+  return index < 3 ? onnx_type<T>() : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
+template <typename T>
+OrtCustomOpInputOutputCharacteristic LGMLogitsOp<T>::GetInputCharacteristic(size_t index) const {
+  return index == 3 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                    : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+}
+
+std::vector<const OrtCustomOp*> LGMLogitsCpuOps() {
+  static const LGMLogitsOp<float> op_f32;
+  static const LGMLogitsOp<double> op_f64;
+  return {&op_f32, &op_f64};
+}
+
+template class LGMLogitsKernel<float>;
+template class LGMLogitsKernel<double>;
+template struct LGMLogitsOp<float>;
+template struct LGMLogitsOp<double>;
+
+}  // namespace lsoftmax_ort

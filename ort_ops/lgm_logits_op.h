@@ -1,0 +1,55 @@
+// ai.lsoftmax::LGMLogits (CPU): the L-GM logits and log-likelihoods.
+//
+//   LGMLogits(X[N, D], means[C, D], log_var[C, D] or [C, 1], labels[N]?) -> (logits[N, C],
+//   loglik[N])
+//
+// logits[i, k] = -(1 + alpha [k = labels_i]) d_ik - include_logdet * 1/2 log|V_k| with
+// d_ik = 1/2 sum_j (x_ij - mu_kj)^2 / exp(log_var_kj); loglik[i] = -(d_ic + 1/2 log|V_c|) for c
+// the label, or the predicted class when labels are absent. Isotropic variances are read from the
+// shape of log_var ((C, 1) with D > 1).
+//
+// Attributes: alpha (float, default 0.0, >= 0), include_logdet (int, default 1, 0 or 1); the
+// model-local function the exporters attach uses the same defaults. The N x D x C products are
+// ORT's own Gemm (created once per kernel); the assembly is lsoftmax::lgm_forward from the core.
+#pragma once
+
+#include <utility>
+#include <vector>
+
+#include "ort_utils.h"
+
+namespace lsoftmax_ort {
+
+constexpr const char* kLGMLogits = "LGMLogits";
+constexpr float kLGMLogitsDefaultAlpha = 0.0f;
+constexpr int64_t kLGMLogitsDefaultIncludeLogdet = 1;
+
+template <typename T>
+class LGMLogitsKernel {
+ public:
+  LGMLogitsKernel(Ort::Op gemm, double alpha, bool include_logdet)
+      : gemm_(std::move(gemm)), alpha_(alpha), include_logdet_(include_logdet) {}
+  OrtStatus* ComputeV2(OrtKernelContext* context);
+
+ private:
+  Ort::Op gemm_;
+  double alpha_;
+  bool include_logdet_;
+};
+
+template <typename T>
+struct LGMLogitsOp : Ort::CustomOpBase<LGMLogitsOp<T>, LGMLogitsKernel<T>, /*WithStatus=*/true> {
+  LGMLogitsOp();
+  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+  const char* GetName() const { return kLGMLogits; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t index) const;
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return onnx_type<T>(); }
+};
+
+// The CPU ops (float32 and float64), static objects that live as long as the library.
+std::vector<const OrtCustomOp*> LGMLogitsCpuOps();
+
+}  // namespace lsoftmax_ort
