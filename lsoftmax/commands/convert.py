@@ -91,12 +91,12 @@ def run(args: argparse.Namespace) -> int:
         module = from_mxnet(args.symbol, args.params, keep_softmax=not args.logits)
     print(format_mapping(module.mapping))
     print(f"outputs: {', '.join(module.output_names)}")
+    example_shape = _example_shape(module, args) if args.onnx else None
     save_converted(module, args.out)
     print(f"wrote {args.out}")
-    if args.onnx:
+    if example_shape is not None:
         from lsoftmax.exporters import export_onnx
 
-        example = torch.randn(*_example_shape(module, args))
-        export_onnx(module.eval(), (example,), args.onnx, mode=args.onnx_mode)
+        export_onnx(module.eval(), (torch.randn(*example_shape),), args.onnx, mode=args.onnx_mode)
         print(f"wrote {args.onnx}")
     return 0
