@@ -312,7 +312,8 @@ Status margin_forward(const DeviceMatrix& logits, const DeviceMatrix& x, const D
   Status s = check_forward_args(logits, x, w, labels, margin, lambda);
   if (!s.ok()) return s;
   const int64_t n = x.rows;
-  if (n == 0) return Status::Ok();
+  // Margin 1 leaves the logits as they are: a launch would only check the labels.
+  if (n == 0 || (margin == 1 && error_flag == nullptr)) return Status::Ok();
   return detail::dispatch(x.dtype, labels.type, [&](auto tt, auto lt) -> Status {
     using T = typename decltype(tt)::type;
     using L = typename decltype(lt)::type;
@@ -332,7 +333,7 @@ Status margin_backward(const DeviceMatrix& grad_logits, const DeviceMatrix& x,
   Status s = check_backward_args(grad_logits, x, w, labels, grad_x, grad_w, margin, lambda);
   if (!s.ok()) return s;
   const int64_t n = x.rows, c = w.rows, d = x.cols;
-  if (n == 0) return Status::Ok();
+  if (n == 0 || (margin == 1 && error_flag == nullptr)) return Status::Ok();
   const bool segmented = uses_segmented_scatter(x.dtype, deterministic) && margin > 1;
   auto cu_stream = static_cast<cudaStream_t>(stream);
 
