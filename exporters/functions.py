@@ -17,6 +17,12 @@ from collections.abc import Iterator
 
 import onnx
 from lsoftmax.exporters.domain import DOMAIN, DOMAIN_VERSION
+from lsoftmax.exporters.lgm import (
+    LGM_DEFAULT_ALPHA,
+    LGM_DEFAULT_INCLUDE_LOGDET,
+    LGM_INPUTS,
+    LGM_OUTPUTS,
+)
 from lsoftmax.exporters.portable import BUILDERS, AttrRef, NodeBuilder
 from lsoftmax.exporters.translations import LSOFTMAX_LINEAR_DEFAULT_LAMBDA
 from onnx import helper
@@ -30,7 +36,15 @@ _SIGNATURES: dict[str, tuple[list[str], list[str], dict[str, float]]] = {
         ["margin"],
         {"lambda": LSOFTMAX_LINEAR_DEFAULT_LAMBDA},
     ),
+    "LGMLogits": (
+        LGM_INPUTS,
+        [],
+        {"alpha": LGM_DEFAULT_ALPHA, "include_logdet": LGM_DEFAULT_INCLUDE_LOGDET},
+    ),
 }
+# Ops with several outputs (their builders take the list of output names); others output "Y".
+_OUTPUTS: dict[str, list[str]] = {"LGMLogits": LGM_OUTPUTS}
+# The last input of every signature is the optional one (labels).
 # Attributes a body is specialized on (baked in), per op_type.
 _SPECIALIZED: dict[str, tuple[str, ...]] = {"LSoftmaxLinear": ("margin",)}
 
@@ -55,7 +69,8 @@ def _default_opset(model: onnx.ModelProto) -> int:
 def _variant(node: onnx.NodeProto) -> tuple[str, tuple[object, ...], bool]:
     attrs = _attrs(node)
     spec = tuple(attrs.get(name) for name in _SPECIALIZED.get(node.op_type, ()))
-    has_optional = len(node.input) > 2 and bool(node.input[2])
+    n = len(_SIGNATURES[node.op_type][0])
+    has_optional = len(node.input) >= n and bool(node.input[n - 1])
     return node.op_type, spec, has_optional
 
 
@@ -67,13 +82,14 @@ def _make_function(
     attrs: dict[str, object] = dict(zip(_SPECIALIZED.get(op_type, ()), spec, strict=True))
     for name in defaults:
         attrs[name] = AttrRef(name)
-    used_inputs: list[str | None] = list(inputs) if has_labels else [*inputs[:2], None]
-    BUILDERS[op_type](b, used_inputs, "Y", attrs)
+    used_inputs: list[str | None] = list(inputs) if has_labels else [*inputs[:-1], None]
+    outputs = _OUTPUTS.get(op_type, ["Y"])
+    BUILDERS[op_type](b, used_inputs, outputs if op_type in _OUTPUTS else "Y", attrs)
     fn = helper.make_function(
         DOMAIN,
         op_type,
         inputs=inputs,
-        outputs=["Y"],
+        outputs=outputs,
         nodes=b.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=required,
@@ -127,7 +143,8 @@ def inline_portable(model: onnx.ModelProto) -> None:
             raise ValueError(f"no standard-op form known for {DOMAIN}::{node.op_type}")
         b = NodeBuilder(prefix=f"{node.name or node.op_type}_{i}/")
         attrs = {**_SIGNATURES[node.op_type][2], **_attrs(node)}
-        build(b, list(node.input), node.output[0], attrs)
+        outs = list(node.output) if node.op_type in _OUTPUTS else node.output[0]
+        build(b, list(node.input), outs, attrs)
         new_nodes.extend(b.nodes)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)

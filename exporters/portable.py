@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from lsoftmax.exporters.lgm import build_lgm_logits
 from onnx import helper, numpy_helper
 
 __all__ = ["BUILDERS", "AttrRef", "NodeBuilder", "build_lsoftmax_linear"]
@@ -141,4 +142,5 @@ Builder = Callable[[NodeBuilder, Sequence[str | None], str, Mapping[str, object]
 # op_type in the ai.lsoftmax domain -> its standard-op builder.
 BUILDERS: dict[str, Builder] = {
     "LSoftmaxLinear": build_lsoftmax_linear,
+    "LGMLogits": build_lgm_logits,  # type: ignore[dict-item]  (two outputs: a list of names)
 }

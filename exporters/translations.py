@@ -13,6 +13,7 @@ from typing import Any
 
 import onnx
 from lsoftmax.exporters.domain import DOMAIN, DOMAIN_VERSION, opset, register_schema
+from lsoftmax.exporters.lgm import lgm_logits, lgm_logits_schema
 from onnx.defs import OpSchema
 
 __all__ = ["SCHEMAS", "TRAINING_ONLY", "TRANSLATIONS", "TrainingOpError", "translation_table"]
@@ -86,13 +87,14 @@ def _training_only(name: str) -> Callable[..., Any]:
     return refuse
 
 
-SCHEMAS: list[Callable[[], OpSchema]] = [_lsoftmax_linear_schema]
+SCHEMAS: list[Callable[[], OpSchema]] = [_lsoftmax_linear_schema, lgm_logits_schema]
 
 # Filled lazily: the torch ops exist only once lsoftmax.torch is imported.
 TRANSLATIONS: dict[str, Callable[..., Any]] = {
     "linear": lsoftmax_linear,
+    "lgm_logits": lgm_logits,
 }
-TRAINING_ONLY = ("margin_linear", "schedule_lambda")
+TRAINING_ONLY = ("margin_linear", "schedule_lambda", "lgm_margin_logits", "lgm_alpha")
 
 
 def translation_table() -> dict[Any, Callable[..., Any]]:
