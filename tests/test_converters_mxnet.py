@@ -268,6 +268,20 @@ def test_gluon_lgm_matches_mxnet() -> None:
     assert model.lgm.include_logdet is True
 
 
+def test_gluon_lgm_exports_to_onnx(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from lsoftmax.exporters import export_onnx
+
+    e = dict(np.load(MX / "lgm_lenetplus_expected.npz"))
+    model = load_gluon_lgm(
+        MX / "lgm_lenetplus.params", lenet_plus(), gluon_key, head_params=MX / "lgm_head.params"
+    )
+    export_onnx(model, (torch.from_numpy(e["data"]),), tmp_path / "g.onnx", mode="function")
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: e["data"]})
+    assert max_rel(got, e["lgm_logits"]) <= TOL
+
+
 def test_gluon_lgm_head_only_and_combined_file(tmp_path: Path) -> None:
     e = dict(np.load(MX / "lgm_lenetplus_expected.npz"))
     lgm = load_gluon_lgm(MX / "lgm_head.params")
