@@ -103,7 +103,10 @@ def test_cuda_ep_matches_cpu_ep_and_runs_on_cuda(
         got = cuda.run(None, feeds(cuda, *args))[0]
         want = cpu.run(None, feeds(cpu, *args))[0]
         assert got.dtype == want.dtype and got.shape == want.shape
-        assert max_rel_err(got, want) <= TOL[dtype]
+        # cuDNN may pick a different convolution algorithm than the CPU EP (e.g. Winograd):
+        # the CNN's features then differ by more than float32 rounding before our node.
+        tol = TOL[dtype] if kind == "mlp" else 1e-4
+        assert max_rel_err(got, want) <= tol
         placements = _lsoftmax_placements(cuda)
         assert placements and set(placements) == {"CUDAExecutionProvider"}, placements
 
@@ -119,7 +122,7 @@ def test_cuda_ep_margin_logits_match_reference(
     with torch.no_grad():
         feat = model.features(x)
     ref = lsoftmax_reference(feat, model.head.weight.detach(), t, 4, LAM)
-    assert max_rel_err(got, ref) <= TOL[dtype]
+    assert max_rel_err(got, ref) <= (TOL[dtype] if kind == "mlp" else 1e-4)
 
 
 def test_cuda_ep_bad_labels_are_an_error(exported: Any) -> None:
