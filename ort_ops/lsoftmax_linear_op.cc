@@ -14,19 +14,19 @@ std::string shape_of(const Ort::ConstValue& v) {
   return shape_string(v.GetTensorTypeAndShapeInfo().GetShape());
 }
 
-// ORT's Gemm computing Y = X W^T. Op::Create applies no schema defaults, so every attribute is
-// given explicitly.
+// ORT's Gemm computing Y = X B^T (trans_b) or X B. Op::Create applies no schema defaults, so
+// every attribute is given explicitly.
 template <typename T>
-Ort::Op make_gemm(const OrtKernelInfo* info) {
+Ort::Op make_gemm(const OrtKernelInfo* info, bool trans_b) {
   const char* type_names[] = {"T"};
   const ONNXTensorElementDataType types[] = {onnx_type<T>()};
   const float alpha = 1.0f, beta = 0.0f;
-  const int64_t trans_a = 0, trans_b = 1;
+  const int64_t trans_a = 0, trans_b_attr = trans_b ? 1 : 0;
   Ort::OpAttr attrs[] = {
       Ort::OpAttr("alpha", &alpha, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
       Ort::OpAttr("beta", &beta, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
       Ort::OpAttr("transA", &trans_a, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
-      Ort::OpAttr("transB", &trans_b, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+      Ort::OpAttr("transB", &trans_b_attr, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
   };
   return Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attrs, 4, /*inputs=*/2,
                          /*outputs=*/1);
@@ -43,6 +43,32 @@ OrtStatus* apply_margin(const T* x, const T* w, const L* labels, T* y, int64_t n
 }
 
 }  // namespace
+
+template <typename T>
+LSoftmaxLinearKernel<T>::LSoftmaxLinearKernel(const OrtKernelInfo* info, int64_t margin,
+                                              double lambda)
+    : margin_(margin), lambda_(lambda) {
+  gemm_ = make_gemm<T>(info, /*trans_b=*/true);
+  int is_constant = 0;
+  const Ort::ConstValue w = Ort::ConstKernelInfo(info).GetTensorConstantInput(1, &is_constant);
+  if (!is_constant || !w) return;
+  const Ort::TensorTypeAndShapeInfo wi = w.GetTensorTypeAndShapeInfo();
+  const std::vector<int64_t> ws = wi.GetShape();
+  if (wi.GetElementType() != onnx_type<T>() || ws.size() != 2 || ws[0] < 1 || ws[1] < 1) return;
+  w_rows_ = ws[0];
+  w_cols_ = ws[1];
+  const T* src = w.GetTensorData<T>();
+  w_t_.resize(static_cast<size_t>(w_rows_ * w_cols_));
+  for (int64_t r = 0; r < w_rows_; ++r) {
+    for (int64_t c = 0; c < w_cols_; ++c) {
+      w_t_[static_cast<size_t>(c * w_rows_ + r)] = src[r * w_cols_ + c];
+    }
+  }
+  cpu_ = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
+  const int64_t shape[] = {w_cols_, w_rows_};
+  w_t_value_ = Ort::Value::CreateTensor<T>(cpu_, w_t_.data(), w_t_.size(), shape, 2);
+  gemm_nt_ = make_gemm<T>(info, /*trans_b=*/false);
+}
 
 template <typename T>
 OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
@@ -94,9 +120,16 @@ OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
     if (d == 0) {
       std::fill(out, out + n * c, T(0));
     } else {
-      const OrtValue* inputs[] = {static_cast<const OrtValue*>(x), static_cast<const OrtValue*>(w)};
       OrtValue* outputs[] = {static_cast<OrtValue*>(y)};
-      gemm_.Invoke(context, inputs, 2, outputs, 1);
+      if (w_t_value_ && c == w_rows_ && d == w_cols_) {
+        const OrtValue* inputs[] = {static_cast<const OrtValue*>(x),
+                                    static_cast<const OrtValue*>(w_t_value_)};
+        gemm_nt_.Invoke(context, inputs, 2, outputs, 1);
+      } else {
+        const OrtValue* inputs[] = {static_cast<const OrtValue*>(x),
+                                    static_cast<const OrtValue*>(w)};
+        gemm_.Invoke(context, inputs, 2, outputs, 1);
+      }
     }
     if (!labels) return nullptr;
     const T* xp = x.GetTensorData<T>();
@@ -136,7 +169,7 @@ OrtStatus* LSoftmaxLinearOp<T>::CreateKernelV2(const OrtApi&, const OrtKernelInf
     }
     const lsoftmax::Status s = lsoftmax::validate_margin_params(margin, lambda);
     if (!s.ok()) return invalid_argument(kLSoftmaxLinear, "attribute " + s.message());
-    *kernel = new LSoftmaxLinearKernel<T>(make_gemm<T>(info), margin, lambda);
+    *kernel = new LSoftmaxLinearKernel<T>(info, margin, lambda);
     return nullptr;
   });
 }

@@ -275,3 +275,21 @@ def test_session_options_and_missing_file(tmp_path: object) -> None:
         lort.session(op_model({"margin": 2}), bogus=1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         lort.session(str(tmp_path) + "/missing.onnx")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_constant_weight_path_matches_reference(dtype: int) -> None:
+    """With W an initializer the kernel multiplies by a cached W^T (a different Gemm call)."""
+    x, w, y = data(9, dtype, d=6, c=5, seed=4)
+    model = onnx.load_from_string(op_model({"margin": 3, "lambda": 0.5}, dtype=dtype))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "W"))
+    del model.graph.input[1]
+    sess = lort.session(model.SerializeToString())
+    for n in (1, 9):
+        got = sess.run(None, {"X": x[:n], "labels": y[:n]})[0]
+        assert max_rel_err(got, reference(x[:n], w, y[:n], 3, 0.5)) <= TOL[dtype]
+    plain = onnx.load_from_string(op_model({"margin": 3}, dtype=dtype, label_type=None))
+    plain.graph.initializer.append(onnx.numpy_helper.from_array(w, "W"))
+    del plain.graph.input[1]
+    got = lort.session(plain.SerializeToString()).run(None, {"X": x})[0]
+    assert max_rel_err(got, x.astype(np.float64) @ w.astype(np.float64).T) <= TOL[dtype]
