@@ -136,9 +136,8 @@ def main() -> None:
         base = statistics.median(times["ORT portable"])
         for name in IMPLS:
             med = statistics.median(times[name])
-            print(
-                f"{batch:>5}  {name:<14} {med * 1e6:>10.1f}us {batch / med:>12.0f}  {base / med:>8.3f}x"
-            )
+            rate, ratio = batch / med, base / med
+            print(f"{batch:>5}  {name:<14} {med * 1e6:>10.1f}us {rate:>12.0f}  {ratio:>8.3f}x")
         print()
 
 
