@@ -77,7 +77,17 @@ def _included(layer: CaffeLayer, phase: int) -> bool:
 
 
 def _pair(layer: CaffeLayer, p: Any, name: str, default: int | None, path: str) -> tuple[int, int]:
-    """Caffe's conv/pool geometry fields: ``name_h``/``name_w`` win over ``name``."""
+    """Caffe's conv/pool geometry fields (``name_h``/``name_w`` win over ``name``); kernel and
+    stride sizes must be positive."""
+    h, w = _pair_raw(layer, p, name, default, path)
+    if name != "pad" and (h < 1 or w < 1):
+        _fail(path, layer, f"{name} must be positive, got {(h, w)}")
+    return h, w
+
+
+def _pair_raw(
+    layer: CaffeLayer, p: Any, name: str, default: int | None, path: str
+) -> tuple[int, int]:
     h, w = f"{name}_h", f"{name}_w"
     if p.HasField(h) or p.HasField(w):
         # Caffe's ConvolutionLayer takes pad_h or pad_w alone (the other stays 0); everything
@@ -158,6 +168,12 @@ class _Converter:
             raise ValueError(
                 f"{wpath}: no weights for layer {layer.name!r} ({layer.type}) of {self.path}"
             )
+        for i, blob in enumerate(found):
+            if blob.data.size == 0:
+                raise ValueError(
+                    f"{wpath}: layer {layer.name!r} ({layer.type}) blob {i} is empty "
+                    f"(shape {list(blob.data.shape)})"
+                )
         if not needed <= len(found) <= needed + optional:
             want = f"{needed}" if not optional else f"{needed} to {needed + optional}"
             raise ValueError(
@@ -241,6 +257,8 @@ class _Converter:
         ph, pw = _pair(layer, p, "pad", 0, self.path)
         sh, sw = _pair(layer, p, "stride", 1, self.path)
         dil = [int(x) for x in p.dilation] or [1]
+        if min(dil) < 1 or len(dil) > 2:
+            _fail(self.path, layer, f"dilation {dil} must be one or two positive values")
         dh, dw = (dil[0], dil[0]) if len(dil) == 1 else (dil[0], dil[1])
         group, cout, bias = int(p.group), int(p.num_output), bool(p.bias_term)
         if cout < 1 or group < 1 or cout % group:

@@ -91,6 +91,8 @@ class _Converter:
         value = self.attr(node, key, default, parse)
         if value is None:
             self.fail(node, f"missing attribute {key}")
+        if any(v < (0 if key == "pad" else 1) for v in value):
+            self.fail(node, f"attribute {key}={value} out of range")
         return value
 
     # ---- params ----------------------------------------------------------------------------
@@ -122,6 +124,10 @@ class _Converter:
             raise ValueError(
                 f"{self.params_path}: {pnode.name!r} ({what} of node {node.name!r}) has shape "
                 f"{list(array.shape)}, expected {want} from {self.symbol_path}"
+            )
+        if array.size == 0:
+            raise ValueError(
+                f"{self.params_path}: {pnode.name!r} ({what} of node {node.name!r}) is empty"
             )
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"{self.params_path}: {pnode.name!r} has dtype {array.dtype}")

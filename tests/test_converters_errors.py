@@ -188,6 +188,16 @@ def test_graph_errors_name_the_layer(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"layer 'p' \(Pooling\): STOCHASTIC"):
         from_caffe(write(tmp_path, "g.prototxt", pool))
+    zero = SMALL_NET.replace("kernel_size: 3", "kernel_size: 0")
+    with pytest.raises(ValueError, match=r"layer 'conv' \(Convolution\): kernel must be positive"):
+        from_caffe(write(tmp_path, "g.prototxt", zero))
+    blobs = good_blobs()
+    blobs["conv"][1] = np.zeros((0,))
+    with pytest.raises(ValueError, match=r"layer 'conv' \(Convolution\) blob 1 is empty"):
+        from_caffe(
+            write(tmp_path, "g.prototxt", SMALL_NET),
+            caffemodel(tmp_path / "e.caffemodel", SMALL_NET, blobs),
+        )
     with pytest.raises(ValueError, match="no input"):
         from_caffe(write(tmp_path, "g.prototxt", 'layer { name: "r" type: "ReLU" }'))
 
