@@ -217,13 +217,15 @@ def read_prototxt(path: str | os.PathLike[str]) -> CaffeNet:
     net = schema()["caffe.NetParameter"]()
     try:
         text_format.Parse(text, net)
+    except RecursionError:
+        raise ValueError(f"{p}: not a valid Caffe prototxt: nested too deeply") from None
     except text_format.ParseError as strict_error:
         # A layer of a type we do not know usually carries a parameter message we do not know
         # either: report the layer type (the useful fact) rather than the unknown field.
         lenient = schema()["caffe.NetParameter"]()
         try:
             text_format.Parse(text, lenient, allow_unknown_field=True)
-        except text_format.ParseError:
+        except (text_format.ParseError, RecursionError):
             lenient = None
         if lenient is not None:
             from lsoftmax.converters.caffe_convert import unsupported_layer

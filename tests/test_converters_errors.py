@@ -101,6 +101,9 @@ def test_bad_prototxt_text(tmp_path: Path) -> None:
     typo = SMALL_NET.replace("kernel_size", "kernel_sise")
     with pytest.raises(ValueError, match="kernel_sise"):
         from_caffe(write(tmp_path, "typo.prototxt", typo))
+    deep = "layer { " + "transform_param { " * 5000 + "} " * 5001
+    with pytest.raises(ValueError, match=r"deep\.prototxt: not a valid Caffe prototxt"):
+        read_prototxt(write(tmp_path, "deep.prototxt", deep))
     (tmp_path / "bin.prototxt").write_bytes(b"\xff\xfe\x00layer")
     with pytest.raises(ValueError, match=r"bin\.prototxt: not a UTF-8"):
         read_prototxt(tmp_path / "bin.prototxt")
