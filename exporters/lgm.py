@@ -119,9 +119,11 @@ def build_lgm_logits(
     """``LGMLogits`` in standard ops, by the same centred GEMM expansion as the core:
     ``2 d = xc^2 @ p^T - 2 xc @ (muc p)^T + sum_j muc^2 p`` with ``xc = X - o``,
     ``muc = means - o``, ``o`` the mean of the class means and ``p = exp(-log_var)``
-    expanded to (C, D) (so the isotropic case needs no branch). Unlike the core it has no
-    direct-difference fallback where the expansion cancels (a sample very close to a class
-    mean, relative to the spread of the means); docs/lgm.md gives the error this costs.
+    expanded to (C, D) (so the isotropic case needs no branch). The expansion cancels for a
+    sample very close to a class mean; the core detects that per entry, this graph (which
+    cannot branch cheaply) recomputes each row's own-class distance (the label's, or the
+    predicted class's) from direct differences, which covers the entries that matter: the
+    label's logit and loglik. docs/lgm.md gives the numbers.
     """
     x, means, log_var = inputs[0], inputs[1], inputs[2]
     labels = inputs[3] if len(inputs) > 3 and inputs[3] else None
@@ -147,17 +149,33 @@ def build_lgm_logits(
     dist = b.op("Mul", half, b.op("Max", d2, b.like(0.0, x)))  # [N, C]
     h = b.op("Mul", half, b.op("ReduceSum", lv_full, axis1, keepdims=0))  # [C]
     s = _int_attr(b, attrs.get("include_logdet", LGM_DEFAULT_INCLUDE_LOGDET), x)
-    plain = b.op("Neg", b.op("Add", dist, b.op("Mul", s, h)), output=None if labels else logits_out)
+    plain = b.op("Neg", b.op("Add", dist, b.op("Mul", s, h)))
     if labels is None:
-        # loglik of the predicted class: max_k (-d_k - h_k) = max_k (z_k - (1 - s) h_k).
+        # The predicted class: argmax_k (-d_k - h_k) = argmax_k (z_k - (1 - s) h_k).
         drop = b.op("Mul", b.op("Sub", b.like(1.0, x), s), h)
-        b.op("ReduceMax", b.op("Sub", plain, drop), axis1, output=loglik_out, keepdims=0)
-        return
-    idx = b.op("Unsqueeze", labels, axis1)  # [N, 1]
-    d_y = b.op("GatherElements", dist, idx, axis=1)  # [N, 1]
-    z_y = b.op("GatherElements", plain, idx, axis=1)
-    margin = b.op("Sub", z_y, b.op("Mul", b.scalar(alpha, x), d_y))  # type: ignore[arg-type]
-    b.op("ScatterElements", plain, idx, margin, output=logits_out, axis=1)
-    h_y = b.op("Gather", h, labels, axis=0)  # [N]
-    d_y_flat = b.op("Squeeze", d_y, axis1)
-    b.op("Neg", b.op("Add", d_y_flat, h_y), output=loglik_out)
+        idx = b.op("ArgMax", b.op("Sub", plain, drop), axis=1, keepdims=1)  # [N, 1]
+        cls = b.op("Squeeze", idx, axis1)
+    else:
+        idx = b.op("Unsqueeze", labels, axis1)  # [N, 1]
+        cls = labels
+    # Each row's own-class distance again from direct differences (O(N D)): a sample close to
+    # its class mean is where the expansion cancels, and loglik is the score that OOD
+    # thresholds read.
+    diff = b.op("Sub", x, b.op("Gather", means, cls, axis=0))  # [N, D]
+    p_c = b.op("Gather", prec, cls, axis=0)
+    d_c = b.op(
+        "Mul", half, b.op("ReduceSum", b.op("Mul", b.op("Mul", diff, diff), p_c), axis1, keepdims=1)
+    )  # [N, 1]
+    h_c = b.op("Unsqueeze", b.op("Gather", h, cls, axis=0), axis1)  # [N, 1]
+    scale = (
+        b.like(1.0, x)
+        if labels is None
+        else b.op(
+            "Add",
+            b.like(1.0, x),
+            b.scalar(alpha, x),  # type: ignore[arg-type]
+        )
+    )
+    z_c = b.op("Neg", b.op("Add", b.op("Mul", scale, d_c), b.op("Mul", s, h_c)))
+    b.op("ScatterElements", plain, idx, z_c, output=logits_out, axis=1)
+    b.op("Neg", b.op("Squeeze", b.op("Add", d_c, h_c), axis1), output=loglik_out)
