@@ -169,7 +169,10 @@ def plot_features(
                 )
     ax.set_aspect("equal", adjustable="datalim")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, markerscale=3, loc="best")
+    legend = ax.legend(fontsize=7, loc="best")
+    for handle in legend.legend_handles:  # the scatter's tiny dots are unreadable in a legend
+        if hasattr(handle, "set_sizes"):
+            handle.set_sizes([25])
     ax.set_title(title or "2-D features", fontsize=10)
     fig.tight_layout()
     return _save(fig, path, plt)
