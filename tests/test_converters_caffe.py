@@ -445,13 +445,17 @@ def test_proto_parser_reports_bad_schema(tmp_path: Path) -> None:
 def test_fixture_exports_to_onnx_and_runs(
     tmp_path: Path, converted: dict[str, ConvertedNet]
 ) -> None:
-    ort = pytest.importorskip("onnxruntime")
+    # "custom": the ai.lsoftmax node run by the project's ONNX Runtime kernel (other tests here
+    # cover the "portable" and "function" flavours).
     from lsoftmax.exporters import export_onnx
+
+    from lsoftmax import ort
 
     net = converted["lsoftmax_mnist_tiny"]
     x = fixture_input("lsoftmax_mnist_tiny", 4)
-    export_onnx(net.eval(), (torch.from_numpy(x),), tmp_path / "m.onnx", mode="function")
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    model = export_onnx(net.eval(), (torch.from_numpy(x),), tmp_path / "m.onnx", mode="custom")
+    assert any(n.domain == "ai.lsoftmax" for n in model.graph.node)
+    sess = ort.session(str(tmp_path / "m.onnx"), providers="cpu")
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x})
     ref = reference("lsoftmax_mnist_tiny", x)
     assert max_rel(got, ref["ip2"]) <= TOL
