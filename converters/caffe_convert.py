@@ -250,7 +250,7 @@ class _Converter:
     # ---- layers --------------------------------------------------------------------------
 
     def convolution(self, layer: CaffeLayer) -> None:
-        p = layer.msg.convolution_param
+        p = layer.param("convolution_param")
         if p.axis != 1:
             _fail(self.path, layer, f"axis {p.axis} is not supported (only 1)")
         kh, kw = _pair(layer, p, "kernel", None, self.path)
@@ -283,7 +283,7 @@ class _Converter:
         self.add(layer, conv)
 
     def pooling(self, layer: CaffeLayer) -> None:
-        p = layer.msg.pooling_param
+        p = layer.param("pooling_param")
         methods = {0: "max", 1: "avg"}
         if p.pool not in methods:
             _fail(self.path, layer, "STOCHASTIC pooling is not supported")
@@ -307,7 +307,7 @@ class _Converter:
         self.add(layer, pool)
 
     def inner_product(self, layer: CaffeLayer) -> None:
-        p = layer.msg.inner_product_param
+        p = layer.param("inner_product_param")
         n, bias, axis, transpose = (
             int(p.num_output),
             bool(p.bias_term),
@@ -340,11 +340,11 @@ class _Converter:
         self.add(layer, ip, "transposed weight" if transpose else "")
 
     def relu(self, layer: CaffeLayer) -> None:
-        slope = float(layer.msg.relu_param.negative_slope)
+        slope = float(layer.param("relu_param").negative_slope)
         self.add(layer, nn.LeakyReLU(slope) if slope else nn.ReLU())
 
     def prelu(self, layer: CaffeLayer) -> None:
-        shared = bool(layer.msg.prelu_param.channel_shared)
+        shared = bool(layer.param("prelu_param").channel_shared)
         blobs = self.blobs(layer, 1)
         c = 1 if shared else self.channels(layer, blobs)
         m = nn.PReLU(c)
@@ -354,7 +354,7 @@ class _Converter:
         self.add(layer, m)
 
     def batch_norm(self, layer: CaffeLayer) -> None:
-        p = layer.msg.batch_norm_param
+        p = layer.param("batch_norm_param")
         blobs = self.blobs(layer, 3)
         c = self.channels(layer, blobs)
         use_global = bool(p.use_global_stats) if p.HasField("use_global_stats") else False
@@ -370,7 +370,7 @@ class _Converter:
         self.add(layer, bn, "mean=b0/b2, var=b1/b2")
 
     def scale(self, layer: CaffeLayer) -> None:
-        p = layer.msg.scale_param
+        p = layer.param("scale_param")
         if len(layer.bottoms) > 1:
             _fail(self.path, layer, "a Scale with its scale as a second bottom is not supported")
         blobs = self.blobs(layer, 1 + bool(p.bias_term))
@@ -396,7 +396,7 @@ class _Converter:
         self.add(layer, m)
 
     def bn_fork(self, layer: CaffeLayer) -> None:
-        p = layer.msg.bn_param
+        p = layer.param("bn_param")
         blobs = self.blobs(layer, 4)
         c = self.channels(layer, blobs)
         m = InvStdBatchNorm(c, p.eps, p.momentum, p.frozen)
@@ -409,14 +409,14 @@ class _Converter:
         self.add(layer, m, "blob 3 is 1/std: (x-b2)*b3*b0+b1")
 
     def dropout(self, layer: CaffeLayer) -> None:
-        self.add(layer, nn.Dropout(float(layer.msg.dropout_param.dropout_ratio)))
+        self.add(layer, nn.Dropout(float(layer.param("dropout_param").dropout_ratio)))
 
     def flatten(self, layer: CaffeLayer) -> None:
-        p = layer.msg.flatten_param
+        p = layer.param("flatten_param")
         self.add(layer, nn.Flatten(int(p.axis), int(p.end_axis)))
 
     def softmax(self, layer: CaffeLayer) -> None:
-        self.add(layer, nn.Softmax(dim=int(layer.msg.softmax_param.axis)))
+        self.add(layer, nn.Softmax(dim=int(layer.param("softmax_param").axis)))
 
     def simple(self, module: Callable[[], nn.Module]) -> Callable[[CaffeLayer], None]:
         return lambda layer: self.add(layer, module())
@@ -445,12 +445,12 @@ class _Converter:
         from lsoftmax.torch import LSoftmaxLinear
 
         self.check_bottoms(layer, 1)
-        p = layer.msg.largemargin_inner_product_param
+        p = layer.param("largemargin_inner_product_param")
         n, axis = int(p.num_output), int(p.axis)
         if n < 1:
             _fail(self.path, layer, "num_output must be positive")
         train = self._train_copy(layer) if self.phase == PHASES["test"] else layer
-        tp = train.msg.largemargin_inner_product_param
+        tp = train.param("largemargin_inner_product_param")
         margin = int(tp.type) + 1
         try:
             schedule = Exponential(
@@ -497,7 +497,7 @@ class _Converter:
         except ImportError as e:
             _fail(self.path, layer, f"needs lsoftmax.torch.lgm.LGMLoss ({e})")
         self.check_bottoms(layer, 1)
-        p = layer.msg.class_distance_param
+        p = layer.param("class_distance_param")
         if p.metric != 0:
             _fail(self.path, layer, "only metric L2 is supported")
         if p.bias_term:
@@ -628,7 +628,7 @@ def _inputs(
     names: list[tuple[str, tuple[int, ...] | None]] = list(conv.proto.inputs)
     for layer in layers:
         if layer.type == "Input":
-            shapes = [tuple(int(d) for d in s.dim) for s in layer.msg.input_param.shape]
+            shapes = [tuple(int(d) for d in s.dim) for s in layer.param("input_param").shape]
             for i, top in enumerate(layer.tops):
                 shape = shapes[i] if i < len(shapes) else (shapes[0] if len(shapes) == 1 else None)
                 names.append((top, shape))

@@ -104,6 +104,13 @@ class CaffeLayer:
     include: list[Any] = field(default_factory=list)
     exclude: list[Any] = field(default_factory=list)
 
+    def param(self, name: str) -> Any:
+        """The ``name`` parameter message (``"pooling_param"``); its defaults where the file's
+        format has no such field (V1 has no ``flatten_param``, for one)."""
+        if name in self.msg.DESCRIPTOR.fields_by_name:
+            return getattr(self.msg, name)
+        return getattr(schema()["caffe.LayerParameter"](), name)
+
 
 @dataclass
 class CaffeNet:

@@ -187,7 +187,8 @@ class GraphBuilder:
         key = self.module_key(source_name)
         self.layers[key] = module
         internal_inputs = tuple(self.resolve(n) for n in inputs)
-        self.consumed.update(internal_inputs)
+        # Reading an alias (a Split top) reads the tensor it stands for.
+        self.consumed.update(self.aliases.get(n, n) for n in internal_inputs)
         internal_label = self.resolve(label) if label is not None else None
         node = Node(
             key=key,
@@ -208,9 +209,6 @@ class GraphBuilder:
         internal = self._new_version(new_name)
         if internal != target:
             self.aliases[internal] = self.aliases.get(target, target)
-
-    def mark_consumed(self, name: str) -> None:
-        self.consumed.add(self.resolve(name))
 
     def outputs(self) -> list[str]:
         """Latest versions of produced blobs that no kept node reads: the net's outputs."""

@@ -191,7 +191,10 @@ def write_net(
     for layer in layers:
         for arr in blobs.get(layer.name, []):
             b = layer.blobs.add()
-            b.shape.dim.extend(arr.shape)
+            if len(full.layers):  # V1: legacy num/channels/height/width, left-padded with 1s
+                b.num, b.channels, b.height, b.width = (1,) * (4 - arr.ndim) + arr.shape
+            else:
+                b.shape.dim.extend(arr.shape)
             b.data.extend(arr.astype(np.float32).ravel().tolist())
     model = NetParameter()
     model.CopyFrom(full)
@@ -321,6 +324,38 @@ def test_flatten_and_inner_product_axis(tmp_path: Path) -> None:
     """
     net = check_parity(tmp_path, text, {"ip": [f32(rng, 3, 4), f32(rng, 3)]}, (2, 3, 2, 2))
     assert net(torch.zeros(2, 3, 2, 2)).shape == (2, 9)
+
+
+def test_legacy_v1_layer_variants(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    text = """
+    name: "v1" input: "data" input_dim: 2 input_dim: 3 input_dim: 7 input_dim: 7
+    layers { name: "conv" type: CONVOLUTION bottom: "data" top: "conv"
+      convolution_param { num_output: 4 kernel_size: 3 pad: 1 stride: 2 group: 1 } }
+    layers { name: "split" type: SPLIT bottom: "conv" top: "a" top: "b" }
+    layers { name: "relu" type: RELU bottom: "a" top: "a" relu_param { negative_slope: 0.05 } }
+    layers { name: "pool" type: POOLING bottom: "a" top: "pool"
+      pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
+    layers { name: "drop" type: DROPOUT bottom: "pool" top: "pool" }
+    layers { name: "flat" type: FLATTEN bottom: "pool" top: "flat" }
+    layers { name: "ip" type: INNER_PRODUCT bottom: "flat" top: "ip"
+      inner_product_param { num_output: 6 } }
+    layers { name: "sig" type: SIGMOID bottom: "ip" top: "sig" }
+    layers { name: "tanh" type: TANH bottom: "b" top: "tanh" }
+    layers { name: "prob" type: SOFTMAX bottom: "sig" top: "prob" }
+    """
+    blobs = {
+        "conv": [f32(rng, 4, 3, 3, 3), f32(rng, 4)],  # stored (4,3,3,3) and (1,1,1,4)
+        "ip": [f32(rng, 6, 36), f32(rng, 6)],  # stored (1,1,6,36) and (1,1,1,6)
+    }
+    net = check_parity(tmp_path, text, blobs, (2, 3, 7, 7))
+    assert net.output_names == ["tanh", "prob"]  # in the order the layers produce them
+    assert read_caffemodel(tmp_path / "net.caffemodel").layers[6].blobs[0].data.shape == (
+        1,
+        1,
+        6,
+        16,
+    )
 
 
 def lsoftmax_net(base: float, test_name: str = "ip2_test") -> str:
