@@ -52,7 +52,8 @@ OrtStatus* LGMLogitsKernel<T>::ComputeV2(OrtKernelContext* context) {
     const std::vector<int64_t> ms = means.GetTensorTypeAndShapeInfo().GetShape();
     const std::vector<int64_t> ls = log_var.GetTensorTypeAndShapeInfo().GetShape();
     if (xs.size() != 2) {
-      return invalid_argument(kLGMLogits, "input X must be 2-D (N, D), got shape " + shape_string(xs));
+      return invalid_argument(kLGMLogits,
+                              "input X must be 2-D (N, D), got shape " + shape_string(xs));
     }
     if (ms.size() != 2) {
       return invalid_argument(kLGMLogits,
@@ -71,8 +72,9 @@ OrtStatus* LGMLogitsKernel<T>::ComputeV2(OrtKernelContext* context) {
       label_type = li.GetElementType();
       if (label_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
           label_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
-        return invalid_argument(kLGMLogits, std::string("input labels must be int64 or int32, got ") +
-                                                type_name(label_type));
+        return invalid_argument(
+            kLGMLogits, std::string("input labels must be int64 or int32, got ") +
+                            type_name(label_type));
       }
       const std::vector<int64_t> lbs = li.GetShape();
       if (lbs.size() != 1 || lbs[0] != n) {
@@ -108,7 +110,9 @@ OrtStatus* LGMLogitsKernel<T>::ComputeV2(OrtKernelContext* context) {
     const Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     std::vector<T> xc(static_cast<size_t>(n * d));
     for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < d; ++j) xc[static_cast<size_t>(i * d + j)] = xp[i * d + j] - offset[static_cast<size_t>(j)];
+      for (int64_t j = 0; j < d; ++j) {
+        xc[static_cast<size_t>(i * d + j)] = xp[i * d + j] - offset[static_cast<size_t>(j)];
+      }
     }
     Ort::Value xc_v = wrap(mem, xc, n, d);
     Ort::Value scaled_v = wrap(mem, scaled, c, d);

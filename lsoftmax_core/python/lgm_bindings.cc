@@ -164,7 +164,8 @@ py::tuple backward_coeffs_py(py::array grad_in, py::object grad_ll_obj, py::arra
                          "grad_logits");
     }
     py::array coeff = new_matrix<T>(gv.rows, gv.cols);
-    py::array_t<T> colsum(static_cast<py::ssize_t>(gv.cols)), grad_h(static_cast<py::ssize_t>(gv.cols));
+    const auto c = static_cast<py::ssize_t>(gv.cols);
+    py::array_t<T> colsum(c), grad_h(c);
     py::array_t<T> own(static_cast<py::ssize_t>(gv.rows));
     py::array_t<int64_t> cls(static_cast<py::ssize_t>(gv.rows));
     auto cv = mutable_matrix<T>("coeff", coeff);
@@ -188,8 +189,8 @@ py::tuple backward_coeffs_py(py::array grad_in, py::object grad_ll_obj, py::arra
 
 py::tuple backward_assemble_py(py::array x_in, py::array means_in, py::array lv_in,
                                py::array offset_in, py::array colsum_in, py::array grad_h_in,
-                               py::array own_in, py::array cls_in, py::array wp_in, py::array wmp_in, py::array wtx_in,
-                               py::array wtx2_in) {
+                               py::array own_in, py::array cls_in, py::array wp_in,
+                               py::array wmp_in, py::array wtx_in, py::array wtx2_in) {
   py::array x = as_strided_input(x_in), means = as_strided_input(means_in),
             lv = as_strided_input(lv_in), wp = as_strided_input(wp_in),
             wmp = as_strided_input(wmp_in), wtx = as_strided_input(wtx_in),
@@ -261,7 +262,8 @@ void bind_lgm(pybind11::module_& m) {
         "moved to own (N,) (cls: that class), the column sums of the rest and dL/dh (C,).");
   m.def("lgm_backward_assemble", &backward_assemble_py, py::arg("x"), py::arg("means"),
         py::arg("log_var"), py::arg("offset"), py::arg("colsum"), py::arg("grad_h"),
-        py::arg("own"), py::arg("cls"), py::arg("wp"), py::arg("wmp"), py::arg("wtx"), py::arg("wtx2"),
+        py::arg("own"), py::arg("cls"), py::arg("wp"), py::arg("wmp"), py::arg("wtx"),
+        py::arg("wtx2"),
         "(grad_x, grad_means, grad_log_var) from coeff @ precision, coeff @ scaled_means, "
         "coeff.T @ (x - offset) and coeff.T @ (x - offset)**2 (isotropic: its row sums), plus "
         "the own-class terms from direct differences.");

@@ -95,19 +95,20 @@ double half_logdet(const MatrixView<const T>& log_var, int64_t k, int64_t feat_d
 
 // Per-class quantities in double: precision p (C x Dv), c_k = sum_j muc_kj^2 p_kj and
 // h_k = 1/2 sum_j log_var_kj (isotropic: D/2 log_var_k).
-template <typename T>
 struct ClassTerms {
   std::vector<double> p, c, h;
   int64_t dv = 0;
 
-  double prec(int64_t k, int64_t j) const { return p[static_cast<size_t>(k * dv + (dv == 1 ? 0 : j))]; }
+  double prec(int64_t k, int64_t j) const {
+    return p[static_cast<size_t>(k * dv + (dv == 1 ? 0 : j))];
+  }
 };
 
 template <typename T>
-ClassTerms<T> class_terms(const MatrixView<const T>& means, const MatrixView<const T>& log_var,
+ClassTerms class_terms(const MatrixView<const T>& means, const MatrixView<const T>& log_var,
                           const T* offset) {
   const int64_t C = means.rows, D = means.cols, dv = log_var.cols;
-  ClassTerms<T> t;
+  ClassTerms t;
   t.dv = dv;
   t.p.resize(static_cast<size_t>(C * dv));
   t.c.resize(static_cast<size_t>(C));
@@ -219,7 +220,7 @@ Status lgm_forward(MatrixView<const T> x, MatrixView<const T> means, MatrixView<
   if (s.ok()) s = check_labels(labels, N, C);
   if (!s.ok()) return s;
 
-  const ClassTerms<T> ct = class_terms(means, log_var, offset);
+  const ClassTerms ct = class_terms(means, log_var, offset);
   const bool has_labels = labels.data != nullptr;
   const double logdet_w = include_logdet ? 1.0 : 0.0;
   std::vector<int64_t> direct(static_cast<size_t>(N), 0);
@@ -235,7 +236,8 @@ Status lgm_forward(MatrixView<const T> x, MatrixView<const T> means, MatrixView<
     double d_target = 0.0;
     int64_t n_dir = 0;
     for (int64_t k = 0; k < C; ++k) {
-      const double a = diag ? std::max(0.0, static_cast<double>(sq_term(i, k))) : ct.prec(k, 0) * xsq;
+      const double a =
+          diag ? std::max(0.0, static_cast<double>(sq_term(i, k))) : ct.prec(k, 0) * xsq;
       const double ck = ct.c[static_cast<size_t>(k)];
       double d2 = a - 2.0 * static_cast<double>(logits(i, k)) + ck;
       const double bound = (std::sqrt(a) + std::sqrt(ck)) * (std::sqrt(a) + std::sqrt(ck));
@@ -370,10 +372,12 @@ Status lgm_backward_assemble(MatrixView<const T> x, MatrixView<const T> means,
   // class sums its direct terms in a fixed order on one thread.
   std::vector<int64_t> start(static_cast<size_t>(C + 1), 0), rows(static_cast<size_t>(N));
   for (int64_t i = 0; i < N; ++i) ++start[static_cast<size_t>(cls[i] + 1)];
-  for (int64_t k = 0; k < C; ++k) start[static_cast<size_t>(k + 1)] += start[static_cast<size_t>(k)];
+  for (size_t k = 0; k < static_cast<size_t>(C); ++k) start[k + 1] += start[k];
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < N; ++i) rows[static_cast<size_t>(fill[static_cast<size_t>(cls[i])]++)] = i;
+    for (int64_t i = 0; i < N; ++i) {
+      rows[static_cast<size_t>(fill[static_cast<size_t>(cls[i])]++)] = i;
+    }
   }
 
   detail::parallel_for(C, 8 * D + 2 * D * N / std::max<int64_t>(C, 1), [&](int64_t k) {
