@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--convs-per-stage", type=int, default=None, help="mnist_net: convs per stage")
     g.add_argument("--feat-dim", type=int, default=None, help="feature (head input) size")
     g.add_argument("--hidden", type=int, nargs="+", default=None, help="mlp: hidden layer sizes")
+    g.add_argument(
+        "--activation", default=None, help="mnist_net: relu (the prototxt's, default) or prelu"
+    )
     g = p.add_argument_group("L-GM head (--loss lgm)")
     g.add_argument("--alpha", type=float, default=0.1, help="margin alpha (0.1)")
     g.add_argument("--lambda-lkd", type=float, default=0.01, help="likelihood weight (0.01)")
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         "convs_per_stage": args.convs_per_stage,
         "feat_dim": args.feat_dim,
         "hidden": args.hidden,
+        "activation": args.activation,
     }
     cfg = TrainConfig(
         dataset=args.dataset,
