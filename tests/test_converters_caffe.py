@@ -350,12 +350,9 @@ def test_legacy_v1_layer_variants(tmp_path: Path) -> None:
     }
     net = check_parity(tmp_path, text, blobs, (2, 3, 7, 7))
     assert net.output_names == ["tanh", "prob"]  # in the order the layers produce them
-    assert read_caffemodel(tmp_path / "net.caffemodel").layers[6].blobs[0].data.shape == (
-        1,
-        1,
-        6,
-        16,
-    )
+    stored = {layer.name: layer for layer in read_caffemodel(tmp_path / "net.caffemodel").layers}
+    assert stored["ip"].blobs[0].data.shape == (1, 1, 6, 36)  # the legacy layout was exercised
+    assert stored["ip"].blobs[1].data.shape == (1, 1, 1, 6)
 
 
 def lsoftmax_net(base: float, test_name: str = "ip2_test") -> str:
