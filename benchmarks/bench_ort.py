@@ -92,7 +92,11 @@ def main() -> None:
         "ORT function": lort.session(paths["function"], **opts),
     }
 
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} logical cores, threads={args.threads}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"machine: {_cpu_name()}, {os.cpu_count()} logical cores, threads={args.threads}, "
+        f"load average {load}"
+    )
     print(
         f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; model "
         f"{args.in_features} -> {args.feat_dim} (ReLU) -> LSoftmaxLinear({args.feat_dim}, "
