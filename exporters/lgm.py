@@ -24,6 +24,7 @@ __all__ = [
     "LGM_DEFAULT_INCLUDE_LOGDET",
     "LGM_INPUTS",
     "LGM_OUTPUTS",
+    "LGM_TRAINING_ONLY",
     "build_lgm_logits",
     "lgm_logits",
     "lgm_logits_schema",
@@ -91,6 +92,24 @@ def lgm_logits(
     if labels is None:
         return opset.LGMLogits(x, means, log_var, **attrs)
     return opset.LGMLogits(x, means, log_var, labels, **attrs)
+
+
+def _refuse_training(name: str) -> Any:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        from lsoftmax.exporters.translations import TrainingOpError
+
+        raise TrainingOpError(
+            f"torch.ops.lsoftmax.{name} is L-GM's training form (its margin alpha comes from a "
+            "schedule every step) and cannot be exported to ONNX: call model.eval() before "
+            "exporting (LGMLoss and LGMClassifier then use lsoftmax::lgm_logits), or call "
+            "torch.ops.lsoftmax.lgm_logits with a float alpha for a graph with labels"
+        )
+
+    return refuse
+
+
+# The training-only L-GM ops, each mapped to a translation that refuses it with that advice.
+LGM_TRAINING_ONLY = {name: _refuse_training(name) for name in ("lgm_margin_logits", "lgm_alpha")}
 
 
 def _int_attr(b: NodeBuilder, value: object, like: str) -> str:

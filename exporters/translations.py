@@ -13,7 +13,7 @@ from typing import Any
 
 import onnx
 from lsoftmax.exporters.domain import DOMAIN, DOMAIN_VERSION, opset, register_schema
-from lsoftmax.exporters.lgm import lgm_logits, lgm_logits_schema
+from lsoftmax.exporters.lgm import LGM_TRAINING_ONLY, lgm_logits, lgm_logits_schema
 from onnx.defs import OpSchema
 
 __all__ = ["SCHEMAS", "TRAINING_ONLY", "TRANSLATIONS", "TrainingOpError", "translation_table"]
@@ -93,8 +93,9 @@ SCHEMAS: list[Callable[[], OpSchema]] = [_lsoftmax_linear_schema, lgm_logits_sch
 TRANSLATIONS: dict[str, Callable[..., Any]] = {
     "linear": lsoftmax_linear,
     "lgm_logits": lgm_logits,
+    **LGM_TRAINING_ONLY,
 }
-TRAINING_ONLY = ("margin_linear", "schedule_lambda", "lgm_margin_logits", "lgm_alpha")
+TRAINING_ONLY = ("margin_linear", "schedule_lambda")
 
 
 def translation_table() -> dict[Any, Callable[..., Any]]:
