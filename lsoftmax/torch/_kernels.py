@@ -17,8 +17,9 @@ Settings (re-exported by :mod:`lsoftmax.torch`):
   waits for the stream) and raises the same ValueError as the CPU path; during CUDA-graph capture
   it acts as ``"async"``. ``"async"`` never syncs: a bad label fires a device-side assert
   (``torch._assert_async``), which, as for torch's own ``cross_entropy``, ruins the CUDA context.
-  ``"off"`` skips the report (bad rows keep their plain logits). The backward always uses the
-  async assert: its labels are the ones the forward already checked.
+  ``"off"`` passes no flag at all (no extra launches; bad rows keep their plain logits and get no
+  margin gradient, unreported). The backward uses the async assert (its labels are the ones the
+  forward already checked), or nothing with ``"off"``.
 """
 
 from __future__ import annotations
@@ -167,8 +168,6 @@ def _bad_label_message(labels: torch.Tensor, num_classes: int) -> str:
 
 def _report_labels(flag: torch.Tensor, labels: torch.Tensor, num_classes: int, sync: bool) -> None:
     mode = _settings["label_check"]
-    if mode == "off":
-        return
     if sync and mode == "sync" and not torch.cuda.is_current_stream_capturing():
         if int(flag.item()) != 0:
             raise ValueError(_bad_label_message(labels, num_classes))
@@ -185,8 +184,9 @@ def _cuda_forward_(
     lam: float,
 ) -> None:
     _same_device(logits, x=x, weight=weight, labels=labels)
+    check = _settings["label_check"] != "off"
     with torch.cuda.device(logits.device):
-        flag = torch.zeros((), dtype=torch.int32, device=logits.device)
+        flag = torch.zeros((), dtype=torch.int32, device=logits.device) if check else None
         _core.cuda_margin_forward_(
             _mat("logits", logits),
             _mat("x", x),
@@ -194,10 +194,12 @@ def _cuda_forward_(
             _vec(labels),
             margin,
             lam,
-            error_flag=flag.data_ptr(),
+            error_flag=flag.data_ptr() if flag is not None else 0,
             stream=torch.cuda.current_stream(logits.device).cuda_stream,
+            check_labels=check,
         )
-        _report_labels(flag, labels, weight.shape[0], sync=True)
+        if flag is not None:
+            _report_labels(flag, labels, weight.shape[0], sync=True)
 
 
 def _cuda_backward_(
@@ -220,7 +222,8 @@ def _cuda_backward_(
         if margin > 1 and (deterministic or x.dtype in (torch.float16, torch.bfloat16)):
             nbytes = _workspace_bytes(dev.index or 0, n, c, _cuda_dtype("x", x), deterministic)
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=dev) if nbytes else None
-        flag = torch.zeros((), dtype=torch.int32, device=dev)
+        check = _settings["label_check"] != "off"
+        flag = torch.zeros((), dtype=torch.int32, device=dev) if check else None
         _core.cuda_margin_backward_(
             _mat("grad_logits", grad_logits),
             _mat("x", x),
@@ -233,7 +236,9 @@ def _cuda_backward_(
             deterministic=deterministic,
             workspace=workspace.data_ptr() if workspace is not None else 0,
             workspace_bytes=nbytes,
-            error_flag=flag.data_ptr(),
+            error_flag=flag.data_ptr() if flag is not None else 0,
             stream=torch.cuda.current_stream(dev).cuda_stream,
+            check_labels=check,
         )
-        _report_labels(flag, labels, c, sync=False)
+        if flag is not None:
+            _report_labels(flag, labels, c, sync=False)

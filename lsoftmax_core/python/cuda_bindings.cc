@@ -98,16 +98,17 @@ std::string bad_label_message(const cuda::DeviceLabels& l, int64_t num_classes, 
   return "labels has entries out of range [0, " + std::to_string(num_classes) + ")";
 }
 
-// Runs `launch(flag)`. With a caller flag nothing else happens (no sync); without one, a scratch
-// flag is read back after the launch (a stream sync) and a bad label raises ValueError.
+// Runs `launch(flag)`. With a caller flag (or with check = false: no flag at all, bad rows are
+// only skipped) nothing else happens (no sync); otherwise a scratch flag is read back after the
+// launch (a stream sync) and a bad label raises ValueError.
 template <typename F>
-void with_label_check(uintptr_t caller_flag, const cuda::DeviceLabels& labels, int64_t classes,
-                      void* stream, F&& launch) {
-  if (caller_flag != 0) {
+void with_label_check(bool check, uintptr_t caller_flag, const cuda::DeviceLabels& labels,
+                      int64_t classes, void* stream, F&& launch) {
+  if (caller_flag != 0 || !check) {
     Status s;
     {
       py::gil_scoped_release release;
-      s = launch(reinterpret_cast<int32_t*>(caller_flag));
+      s = launch(check ? reinterpret_cast<int32_t*>(caller_flag) : nullptr);
     }
     raise_if_error(s);
     return;
@@ -131,14 +132,14 @@ void with_label_check(uintptr_t caller_flag, const cuda::DeviceLabels& labels, i
 
 void forward_py(const MatrixSpec& logits, const MatrixSpec& x, const MatrixSpec& w,
                 const LabelSpec& labels, const py::object& margin_obj, double lam,
-                uintptr_t error_flag, uintptr_t stream) {
+                uintptr_t error_flag, uintptr_t stream, bool check_labels) {
   const int64_t margin = margin_arg(margin_obj);
   const auto lv = matrix("logits", logits);
   const auto xv = matrix("x", x), wv = matrix("weight", w);
   const auto yv = labels_of(labels);
   raise_if_error(cuda::check_forward_args(lv, xv, wv, yv, margin, lam));
   void* st = stream_of(stream);
-  with_label_check(error_flag, yv, wv.rows, st, [&](int32_t* flag) {
+  with_label_check(check_labels, error_flag, yv, wv.rows, st, [&](int32_t* flag) {
     return cuda::margin_forward(lv, xv, wv, yv, margin, lam, flag, st);
   });
 }
@@ -146,7 +147,8 @@ void forward_py(const MatrixSpec& logits, const MatrixSpec& x, const MatrixSpec&
 void backward_py(const MatrixSpec& grad, const MatrixSpec& x, const MatrixSpec& w,
                  const LabelSpec& labels, const MatrixSpec& grad_x, const MatrixSpec& grad_w,
                  const py::object& margin_obj, double lam, bool deterministic, uintptr_t workspace,
-                 size_t workspace_bytes, uintptr_t error_flag, uintptr_t stream) {
+                 size_t workspace_bytes, uintptr_t error_flag, uintptr_t stream,
+                 bool check_labels) {
   const int64_t margin = margin_arg(margin_obj);
   const auto gv = matrix("grad_logits", grad), xv = matrix("x", x), wv = matrix("weight", w);
   const auto gxv = matrix("grad_x", grad_x), gwv = matrix("grad_weight", grad_w);
@@ -165,7 +167,7 @@ void backward_py(const MatrixSpec& grad, const MatrixSpec& x, const MatrixSpec& 
     ws = owned;
   }
   try {
-    with_label_check(error_flag, yv, wv.rows, st, [&](int32_t* flag) {
+    with_label_check(check_labels, error_flag, yv, wv.rows, st, [&](int32_t* flag) {
       return cuda::margin_backward(gv, xv, wv, yv, gxv, gwv, margin, lam, deterministic, ws,
                                    ws_bytes, flag, st);
     });
@@ -228,14 +230,14 @@ void memcpy_py(uintptr_t dst, uintptr_t src, size_t bytes) {
 }
 
 void forward_py(const MatrixSpec&, const MatrixSpec&, const MatrixSpec&, const LabelSpec&,
-                const py::object& margin_obj, double, uintptr_t, uintptr_t) {
+                const py::object& margin_obj, double, uintptr_t, uintptr_t, bool) {
   (void)margin_arg(margin_obj);
   no_cuda();
 }
 
 void backward_py(const MatrixSpec&, const MatrixSpec&, const MatrixSpec&, const LabelSpec&,
                  const MatrixSpec&, const MatrixSpec&, const py::object& margin_obj, double, bool,
-                 uintptr_t, size_t, uintptr_t, uintptr_t) {
+                 uintptr_t, size_t, uintptr_t, uintptr_t, bool) {
   (void)margin_arg(margin_obj);
   no_cuda();
 }
@@ -277,16 +279,17 @@ void bind_cuda(py::module_& m) {
 
   m.def("cuda_margin_forward_", &forward_py, py::arg("logits"), py::arg("x"), py::arg("weight"),
         py::arg("labels"), py::arg("margin"), py::arg("lam"), py::arg("error_flag") = 0,
-        py::arg("stream") = 0,
+        py::arg("stream") = 0, py::arg("check_labels") = true,
         "In place on the device: logits holds x @ weight.T; rewrites each row's target logit. "
         "Matrices are (ptr, rows, cols, row_stride, col_stride, dtype); labels (ptr, size, "
         "stride, dtype). error_flag = 0 checks the labels synchronously (ValueError); a device "
-        "int32 pointer instead receives 1 on a bad label, with no sync.");
+        "int32 pointer instead receives 1 on a bad label, with no sync; check_labels=False passes "
+        "no flag (bad rows are skipped, unreported).");
   m.def("cuda_margin_backward_", &backward_py, py::arg("grad_logits"), py::arg("x"),
         py::arg("weight"), py::arg("labels"), py::arg("grad_x"), py::arg("grad_weight"),
         py::arg("margin"), py::arg("lam"), py::arg("deterministic") = false,
         py::arg("workspace") = 0, py::arg("workspace_bytes") = 0, py::arg("error_flag") = 0,
-        py::arg("stream") = 0,
+        py::arg("stream") = 0, py::arg("check_labels") = true,
         "In place on the device: grad_x holds grad_logits @ weight, grad_weight holds "
         "grad_logits.T @ x; adds the margin terms.");
   m.def("cuda_malloc", &malloc_py, py::arg("nbytes"),
