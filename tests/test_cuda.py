@@ -8,6 +8,7 @@ GPU tests carry the ``gpu`` marker; ``benchmarks/gpu_check.sh`` runs them on a G
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -590,6 +591,13 @@ def test_dlpack_capsule_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
         lc.margin_forward_(
             FakeDLPack(logits), CpuDLPack(xv), FakeDLPack(w), FakeDLPack(labels), 3, 0.0
         )
+
+
+def test_cuda_build_requested_means_cuda_compiled() -> None:
+    # CI builds with LSOFTMAX_CUDA=ON (.ci/run exports it): the CUDA code must then be in _core.
+    requested = os.environ.get("LSOFTMAX_CUDA", "").upper() == "ON"
+    assert _core.cuda_compiled or not requested
+    assert isinstance(_core.cuda_compiled, bool)
 
 
 @pytest.mark.skipif(CUDA_READY, reason="a usable GPU is present: this checks the no-GPU errors")
