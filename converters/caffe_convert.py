@@ -27,6 +27,8 @@ from lsoftmax.converters.graph import ConvertedNet, GraphBuilder, MappingRow, pa
 from lsoftmax.converters.modules import (
     BatchNorm,
     ChannelScale,
+    Concat,
+    Eltwise,
     GlobalPool,
     InnerProduct,
     InvStdBatchNorm,
@@ -229,19 +231,25 @@ class _Converter:
         if not layer.tops:
             _fail(self.path, layer, "has no top")
 
-    def add(self, layer: CaffeLayer, module: nn.Module, note: str = "", **kw: Any) -> None:
-        self.check_bottoms(layer, 1)
-        in_shape = self.bottom_shape(layer)
-        self.builder.add(layer.name, module, [layer.bottoms[0]], layer.tops[0], **kw)
+    def add(
+        self, layer: CaffeLayer, module: nn.Module, note: str = "", n_inputs: int = 1, **kw: Any
+    ) -> None:
+        self.check_bottoms(layer, n_inputs)
+        bottoms = layer.bottoms[:n_inputs]
+        in_shapes = [self.shapes.get(b) for b in bottoms]
+        self.builder.add(layer.name, module, bottoms, layer.tops[0], **kw)
         out_shape: tuple[int, ...] | None = None
-        if in_shape is not None and kw.get("kind", "plain") == "plain":
+        if all(s is not None for s in in_shapes) and kw.get("kind", "plain") == "plain":
             module.eval()
             try:
                 with torch.no_grad():
-                    out_shape = tuple(module(torch.zeros((1, *in_shape[1:]))).shape)
+                    zeros = [torch.zeros((1, *s[1:])) for s in in_shapes if s is not None]
+                    out_shape = tuple(module(*zeros).shape)
             except RuntimeError as e:
-                _fail(self.path, layer, f"does not fit its input shape {list(in_shape)}: {e}")
-            out_shape = (in_shape[0], *out_shape[1:])
+                _fail(self.path, layer, f"does not fit its input shapes {in_shapes}: {e}")
+            first = in_shapes[0]
+            assert first is not None
+            out_shape = (first[0], *out_shape[1:])
         self.shapes[layer.tops[0]] = out_shape
         self.builder.mapping.append(
             MappingRow(layer.name, layer.type, type(module).__name__, param_shapes(module), note)
@@ -418,6 +426,26 @@ class _Converter:
     def softmax(self, layer: CaffeLayer) -> None:
         self.add(layer, nn.Softmax(dim=int(layer.param("softmax_param").axis)))
 
+    def eltwise(self, layer: CaffeLayer) -> None:
+        p = layer.param("eltwise_param")
+        n = len(layer.bottoms)
+        if n < 2:
+            _fail(self.path, layer, "needs at least 2 bottoms")
+        coeffs = tuple(float(c) for c in p.coeff)
+        if coeffs and (len(coeffs) != n or p.operation != 1):
+            _fail(self.path, layer, f"{len(coeffs)} coeffs for {n} bottoms (SUM only)")
+        op = {0: "prod", 1: "sum", 2: "max"}[p.operation]
+        self.add(layer, Eltwise(op, coeffs or None), n_inputs=n)
+
+    def concat(self, layer: CaffeLayer) -> None:
+        p = layer.param("concat_param")
+        # concat_dim is the deprecated spelling of axis.
+        legacy = p.HasField("concat_dim") and not p.HasField("axis")
+        axis = int(p.concat_dim) if legacy else int(p.axis)
+        if len(layer.bottoms) < 1:
+            _fail(self.path, layer, "needs bottoms")
+        self.add(layer, Concat(axis), n_inputs=len(layer.bottoms))
+
     def simple(self, module: Callable[[], nn.Module]) -> Callable[[CaffeLayer], None]:
         return lambda layer: self.add(layer, module())
 
@@ -584,6 +612,8 @@ class _Converter:
             "Dropout": self.dropout,
             "Flatten": self.flatten,
             "Split": self.split,
+            "Eltwise": self.eltwise,
+            "Concat": self.concat,
             "Softmax": self.softmax,
             "LargeMarginInnerProduct": self.large_margin,
             "ClassDistance": self.class_distance,
@@ -604,6 +634,8 @@ SUPPORTED_TYPES = (
     "Dropout",
     "Flatten",
     "Split",
+    "Eltwise",
+    "Concat",
     "Softmax",
     "LargeMarginInnerProduct",
     "ClassDistance",

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 __all__ = [
     "BatchNorm",
     "ChannelScale",
+    "Concat",
+    "Eltwise",
     "GlobalPool",
     "InnerProduct",
     "InvStdBatchNorm",
@@ -171,3 +173,48 @@ class GlobalPool(nn.Module):
 
     def extra_repr(self) -> str:
         return self.mode
+
+
+class Eltwise(nn.Module):
+    """Element-wise combination of several inputs (Caffe ``Eltwise``, MXNet ``elemwise_add``):
+    ``sum`` (with per-input coefficients), ``prod`` or ``max``."""
+
+    def __init__(self, op: str, coeffs: tuple[float, ...] | None = None) -> None:
+        super().__init__()
+        if op not in ("sum", "prod", "max"):
+            raise ValueError(f"Eltwise op must be sum, prod or max, got {op!r}")
+        self.op = op
+        self.coeffs = tuple(float(c) for c in coeffs) if coeffs else None
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        if self.op == "sum":
+            if self.coeffs is None:
+                out = xs[0]
+                for x in xs[1:]:
+                    out = out + x
+                return out
+            out = xs[0] * self.coeffs[0]
+            for c, x in zip(self.coeffs[1:], xs[1:], strict=True):
+                out = out + x * c
+            return out
+        out = xs[0]
+        for x in xs[1:]:
+            out = out * x if self.op == "prod" else torch.maximum(out, x)
+        return out
+
+    def extra_repr(self) -> str:
+        return self.op if self.coeffs is None else f"{self.op}, coeffs={self.coeffs}"
+
+
+class Concat(nn.Module):
+    """Concatenation along ``axis`` (Caffe ``Concat``, MXNet ``Concat``)."""
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        return torch.cat(xs, dim=self.axis)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}"

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 from lsoftmax.converters.graph import ConvertedNet, GraphBuilder, MappingRow, param_shapes
-from lsoftmax.converters.modules import BatchNorm, GlobalPool, InnerProduct
+from lsoftmax.converters.modules import BatchNorm, Concat, Eltwise, GlobalPool, InnerProduct
 from lsoftmax.converters.mxnet_params import read_params
 from torch import nn
 
@@ -288,6 +288,20 @@ class _Converter:
                 MappingRow(node.name, node.op, "(dropped)", "", "outputs the logits")
             )
 
+    def combine(self, node: _Node) -> None:
+        if len(node.inputs) < 2 and node.op not in ("Concat", "concat"):
+            self.fail(node, "needs at least 2 inputs")
+        module: nn.Module
+        if node.op in ("Concat", "concat"):
+            module = Concat(self.attr(node, "dim", 1, int))
+        else:
+            module = Eltwise("prod" if node.op in ("elemwise_mul", "_Mul", "_mul") else "sum")
+        names = [self.data_input(node, i) for i in range(len(node.inputs))]
+        self.builder.add(node.name, module, names, node.name)
+        self.builder.mapping.append(
+            MappingRow(node.name, node.op, type(module).__name__, "", module.extra_repr())
+        )
+
     def lsoftmax(self, node: _Node) -> None:
         from lsoftmax.schedules import Scaled
         from lsoftmax.torch import LSoftmaxLinear
@@ -337,6 +351,14 @@ class _Converter:
             "SoftmaxOutput": self.softmax_output,
             "softmax": self.softmax_output,
             "SoftmaxActivation": self.softmax_output,
+            "elemwise_add": self.combine,
+            "_Plus": self.combine,
+            "_plus": self.combine,
+            "elemwise_mul": self.combine,
+            "_Mul": self.combine,
+            "_mul": self.combine,
+            "Concat": self.combine,
+            "concat": self.combine,
             "LSoftmax": self.lsoftmax,
             "Custom:LSoftmax": self.lsoftmax,
         }
@@ -351,6 +373,9 @@ SUPPORTED_OPS = (
     "BatchNorm",
     "Flatten",
     "Dropout",
+    "elemwise_add/_Plus",
+    "elemwise_mul/_Mul",
+    "Concat",
     "SoftmaxOutput",
     "softmax",
     "SoftmaxActivation",

@@ -355,6 +355,27 @@ def test_legacy_v1_layer_variants(tmp_path: Path) -> None:
     assert stored["ip"].blobs[1].data.shape == (1, 1, 1, 6)
 
 
+def test_eltwise_and_concat(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    text = """
+    input: "data" input_dim: 2 input_dim: 3 input_dim: 5 input_dim: 5
+    layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+      convolution_param { num_output: 3 kernel_size: 3 pad: 1 } }
+    layer { name: "sum" type: "Eltwise" bottom: "data" bottom: "c1" top: "sum"
+      eltwise_param { operation: SUM coeff: 0.5 coeff: -2 } }
+    layer { name: "prod" type: "Eltwise" bottom: "sum" bottom: "c1" bottom: "data" top: "prod"
+      eltwise_param { operation: PROD } }
+    layer { name: "max" type: "Eltwise" bottom: "prod" bottom: "sum" top: "max"
+      eltwise_param { operation: MAX } }
+    layer { name: "cat" type: "Concat" bottom: "max" bottom: "c1" top: "cat" }
+    layer { name: "cat2" type: "Concat" bottom: "cat" bottom: "cat" top: "cat2"
+      concat_param { concat_dim: 2 } }
+    """
+    net = check_parity(tmp_path, text, {"c1": [f32(rng, 3, 3, 3, 3), f32(rng, 3)]}, (2, 3, 5, 5))
+    assert net.output_names == ["cat2"]
+    assert net(torch.zeros(2, 3, 5, 5)).shape == (2, 6, 10, 5)
+
+
 def lsoftmax_net(base: float, test_name: str = "ip2_test") -> str:
     return f"""
     layer {{ name: "data" type: "Input" top: "data" top: "label"

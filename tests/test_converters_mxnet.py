@@ -198,6 +198,12 @@ def test_op_variants_match_numpy(tmp_path: Path) -> None:
              pool_type="avg", pooling_convention="full", count_include_pad="False")  # fmt: skip
     h = s.op("Convolution", "conv2", [h, s.var("conv2_w", s.rand(4, 6, 1, 1))],
              kernel="(1, 1)", num_filter=4, no_bias="True")  # fmt: skip
+    skip = h
+    h = s.op("Activation", "relu", [h], act_type="relu")
+    h = s.op("elemwise_add", "res", [h, skip])
+    h = s.op("Concat", "cat", [h, skip], dim=1, num_args=2)
+    h = s.op("Convolution", "conv3", [h, s.var("conv3_w", s.rand(4, 8, 1, 1))],
+             kernel="(1, 1)", num_filter=4, no_bias="True")  # fmt: skip
     h = s.op("Pooling", "pvalid", [h], kernel="(2, 2)", stride="(1, 1)", pool_type="max")
     g = s.op("Pooling", "pglobal", [h], kernel="(1, 1)", pool_type="avg", global_pool="True")
     h = s.op("Activation", "sig", [h], act_type="sigmoid")

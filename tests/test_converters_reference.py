@@ -226,6 +226,20 @@ def caffe_forward(
             y = x * chan(w[0].ravel(), x.ndim)
             if layer.scale_param.bias_term:
                 y = y + chan(w[1].ravel(), x.ndim)
+        elif ltype == "Eltwise":
+            p = layer.eltwise_param
+            xs = [blobs[b] for b in layer.bottom]
+            if p.operation == 1:
+                coeff = list(p.coeff) or [1.0] * len(xs)
+                y = sum(c * v for c, v in zip(coeff, xs, strict=True))
+            elif p.operation == 0:
+                y = np.prod(np.stack(xs), axis=0)
+            else:
+                y = np.max(np.stack(xs), axis=0)
+        elif ltype == "Concat":
+            p = layer.concat_param
+            axis = p.concat_dim if p.HasField("concat_dim") and not p.HasField("axis") else p.axis
+            y = np.concatenate([blobs[b] for b in layer.bottom], axis=axis)
         elif ltype in ("Dropout", "Split"):
             y = x
         elif ltype == "Flatten":
@@ -327,6 +341,10 @@ def mxnet_forward(
             y = (x - chan(mean, x.ndim)) / np.sqrt(chan(var, x.ndim) + eps) * chan(
                 gamma, x.ndim
             ) + chan(vals[ins[2]], x.ndim)
+        elif op in ("elemwise_add", "_Plus"):
+            y = x + vals[ins[1]]
+        elif op == "Concat":
+            y = np.concatenate([vals[j] for j in ins], axis=int(a.get("dim", 1)))
         elif op in ("Flatten", "flatten"):
             y = x.reshape(x.shape[0], -1)
         elif op == "Dropout":
