@@ -65,6 +65,30 @@ def _min_ir_version(model: onnx.ModelProto) -> int:
     return onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
 
 
+def _name_single_output(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """Rename a lone graph output (the exporter calls it after the last node, e.g. ``linear_2``)."""
+    graph = proto.graph
+    if len(graph.output) != 1 or graph.output[0].name == name:
+        return proto
+    used = {v for n in graph.node for v in (*n.input, *n.output)}
+    used |= {v.name for v in (*graph.input, *graph.initializer)}
+    if name in used:
+        return proto
+    old = graph.output[0].name
+    for node in graph.node:
+        for i, v in enumerate(node.output):
+            if v == old:
+                node.output[i] = name
+        for i, v in enumerate(node.input):
+            if v == old:
+                node.input[i] = name
+    for info in graph.value_info:
+        if info.name == old:
+            info.name = name
+    graph.output[0].name = name
+    return proto
+
+
 def finalize(proto: onnx.ModelProto, mode: str) -> onnx.ModelProto:
     """Turn an exported model (``ai.lsoftmax`` nodes, as the translations emit them) into
     ``mode``, in place, with the lowest IR version its content needs (so older runtimes load
@@ -140,7 +164,7 @@ def export_onnx(
         if cause is not None:
             raise TrainingOpError(str(cause)) from None
         raise
-    proto = finalize(program.model_proto, mode)
+    proto = finalize(_name_single_output(program.model_proto, "logits"), mode)
     check(proto)
     onnx.save(proto, os.fspath(path))
     return proto

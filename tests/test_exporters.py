@@ -46,6 +46,7 @@ def test_each_mode_exports_checks_and_runs(mode: str, tmp_path: Path) -> None:
     saved = onnx.load(path)
     check(saved)  # full checker + strict shape inference, on the file as saved
     assert saved.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [o.name for o in saved.graph.output] == ["logits"]
     if mode == "portable":
         assert _domains(saved) <= {""}
         assert all(i.domain != "ai.lsoftmax" for i in saved.opset_import)
