@@ -8,38 +8,17 @@
 See docs/converters.md for the layer mapping and the numerical conventions.
 """
 
-from __future__ import annotations
+from lsoftmax.converters.caffe_convert import from_caffe
+from lsoftmax.converters.gluon_lgm import load_gluon_lgm
+from lsoftmax.converters.graph import ConvertedNet
+from lsoftmax.converters.mxnet_convert import from_mxnet
+from lsoftmax.converters.saving import load_converted, save_converted
 
-from typing import Any
-
-__all__ = ["from_caffe", "from_mxnet", "load_converted", "load_gluon_lgm"]
-
-
-def from_caffe(*args: Any, **kwargs: Any) -> Any:
-    from lsoftmax.converters.caffe_convert import from_caffe as impl
-
-    return impl(*args, **kwargs)
-
-
-def from_mxnet(*args: Any, **kwargs: Any) -> Any:
-    from lsoftmax.converters.mxnet_convert import from_mxnet as impl
-
-    return impl(*args, **kwargs)
-
-
-def load_gluon_lgm(*args: Any, **kwargs: Any) -> Any:
-    from lsoftmax.converters.gluon_lgm import load_gluon_lgm as impl
-
-    return impl(*args, **kwargs)
-
-
-def load_converted(*args: Any, **kwargs: Any) -> Any:
-    from lsoftmax.converters.saving import load_converted as impl
-
-    return impl(*args, **kwargs)
-
-
-from_caffe.__doc__ = "See lsoftmax.converters.caffe_convert.from_caffe."
-from_mxnet.__doc__ = "See lsoftmax.converters.mxnet_convert.from_mxnet."
-load_gluon_lgm.__doc__ = "See lsoftmax.converters.gluon_lgm.load_gluon_lgm."
-load_converted.__doc__ = "See lsoftmax.converters.saving.load_converted."
+__all__ = [
+    "ConvertedNet",
+    "from_caffe",
+    "from_mxnet",
+    "load_converted",
+    "load_gluon_lgm",
+    "save_converted",
+]

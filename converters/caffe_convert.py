@@ -127,7 +127,7 @@ class _Converter:
     builder: GraphBuilder = field(default_factory=GraphBuilder)
     shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
     by_name: dict[str, CaffeLayer] = field(default_factory=dict)
-    by_param: dict[str, np.ndarray | CaffeBlob] = field(default_factory=dict)
+    by_param: dict[str, CaffeBlob] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
