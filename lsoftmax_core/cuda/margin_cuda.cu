@@ -148,10 +148,23 @@ __global__ void __launch_bounds__(kScatterThreads)
   for (int64_t k = blockIdx.x; k < n; k += gridDim.x) {
     const uint32_t t = keys[k];
     if (static_cast<int64_t>(t) >= c || (k > 0 && keys[k - 1] == t)) continue;  // block-uniform
+    // The segment's end, by binary search in the sorted keys (same answer in every thread), so
+    // that the row loop below has a known trip count and its loads can be issued ahead.
+    int64_t lo = k + 1, hi = n;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (keys[mid] <= t) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    const int64_t end = lo;
     for (int64_t j = static_cast<int64_t>(blockIdx.y) * kScatterThreads + threadIdx.x; j < d;
          j += col_step) {
       A acc_x = A(0), acc_w = A(0);
-      for (int64_t q = k; q < n && keys[q] == t; ++q) {
+#pragma unroll 4
+      for (int64_t q = k; q < end; ++q) {  // sample order: the sort is stable
         const int64_t i = rows[q];
         acc_w += coef_w[i];
         acc_x += delta[i] * to_acc(x.at(i, j));
