@@ -29,7 +29,7 @@ CAFFE = FIXTURES / "caffe" / "models"
 MODELS = ["lsoftmax_mnist_tiny", "lenet_v1_legacy", "lgm_tiny_iso"]
 TOL = 1e-5
 
-pytestmark = pytest.mark.skipif(
+needs_fixtures = pytest.mark.skipif(
     not CAFFE.is_dir(), reason=f"converter fixtures not found at {FIXTURES} (set LSOFTMAX_FIXTURES)"
 )
 
@@ -79,6 +79,7 @@ def converted() -> dict[str, ConvertedNet]:
     return {n: from_caffe(CAFFE / f"{n}.prototxt", CAFFE / f"{n}.caffemodel") for n in MODELS}
 
 
+@needs_fixtures
 @pytest.mark.parametrize("name", MODELS)
 def test_fixture_weights_match_json_checksums(
     name: str, converted: dict[str, ConvertedNet]
@@ -110,6 +111,7 @@ def test_fixture_weights_match_json_checksums(
     assert checked > 0
 
 
+@needs_fixtures
 def test_fixture_batchnorm_and_sigma_conversions(converted: dict[str, ConvertedNet]) -> None:
     info = json.loads((CAFFE / "lgm_tiny_iso.json").read_text())
     net = converted["lgm_tiny_iso"]
@@ -135,6 +137,7 @@ def test_fixture_batchnorm_and_sigma_conversions(converted: dict[str, ConvertedN
     assert head.lambda_lkd == pytest.approx(0.1)
 
 
+@needs_fixtures
 @pytest.mark.parametrize("name", MODELS)
 def test_fixture_outputs_match_numpy_forward(name: str, converted: dict[str, ConvertedNet]) -> None:
     x = fixture_input(name)
@@ -145,6 +148,7 @@ def test_fixture_outputs_match_numpy_forward(name: str, converted: dict[str, Con
     assert max_rel(out, ref[top]) <= TOL
 
 
+@needs_fixtures
 def test_lsoftmax_fixture_head_takes_train_copy(converted: dict[str, ConvertedNet]) -> None:
     net = converted["lsoftmax_mnist_tiny"]
     head = module_of(net, "ip2")
@@ -444,6 +448,7 @@ def test_prototxt_without_weights_initializes(tmp_path: Path) -> None:
     assert math.isfinite(float(net(torch.randn(4, 6)).detach().sum()))
 
 
+@needs_fixtures
 def test_original_prototxts_parse_and_build() -> None:
     for name, shape in [
         ("lsoftmax_mnist_train_test", (1, 1, 28, 28)),
@@ -495,6 +500,7 @@ def test_proto_parser_reports_bad_schema(tmp_path: Path) -> None:
 # ---- ONNX, CLI, saving -------------------------------------------------------------------
 
 
+@needs_fixtures
 def test_fixture_exports_to_onnx_and_runs(
     tmp_path: Path, converted: dict[str, ConvertedNet]
 ) -> None:
@@ -514,6 +520,7 @@ def test_fixture_exports_to_onnx_and_runs(
     assert max_rel(got, ref["ip2"]) <= TOL
 
 
+@needs_fixtures
 def test_lgm_fixture_exports_to_onnx(tmp_path: Path, converted: dict[str, ConvertedNet]) -> None:
     ort = pytest.importorskip("onnxruntime")
     from lsoftmax.exporters import export_onnx
@@ -531,6 +538,7 @@ def test_lgm_fixture_exports_to_onnx(tmp_path: Path, converted: dict[str, Conver
     assert max_rel(got, ref["classifier"]) <= TOL
 
 
+@needs_fixtures
 def test_cli_convert_caffe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lsoftmax.cli import main
 
@@ -550,6 +558,7 @@ def test_cli_convert_caffe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert max_rel(net(torch.from_numpy(x)).detach().numpy(), ref["ip2"]) <= TOL
 
 
+@needs_fixtures
 def test_cli_reports_errors_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lsoftmax.cli import main
 

@@ -26,7 +26,7 @@ FIXTURES = Path(os.environ.get("LSOFTMAX_FIXTURES", "/work/shared/fixtures"))
 CAFFE = FIXTURES / "caffe" / "models"
 MX = FIXTURES / "mxnet"
 
-pytestmark = pytest.mark.skipif(
+needs_fixtures = pytest.mark.skipif(
     not CAFFE.is_dir(), reason=f"converter fixtures not found at {FIXTURES} (set LSOFTMAX_FIXTURES)"
 )
 
@@ -233,6 +233,7 @@ def test_params_file_errors(tmp_path: Path) -> None:
         read_params(tmp_path / "nope.params")
 
 
+@needs_fixtures
 def test_symbol_errors(tmp_path: Path) -> None:
     sym, params = MX / "lsoftmax_lenet-symbol.json", MX / "lsoftmax_lenet-0000.params"
     text = sym.read_text()
@@ -270,6 +271,7 @@ def test_symbol_errors(tmp_path: Path) -> None:
         from_mxnet(sym, tmp_path / "p.params")
 
 
+@needs_fixtures
 def test_gluon_and_saved_model_errors(tmp_path: Path) -> None:
     from torch import nn
 
@@ -335,6 +337,7 @@ def write_then(path: Path, convert: Callable[[Path], object]) -> Callable[[bytes
     return run
 
 
+@needs_fixtures
 def test_fuzz_caffemodel_reader(tmp_path: Path) -> None:
     seeds = [(CAFFE / "lgm_tiny_iso.caffemodel").read_bytes()]
     seeds.append(caffemodel(tmp_path / "s.caffemodel", SMALL_NET, good_blobs()).read_bytes())
@@ -349,6 +352,7 @@ def test_fuzz_caffemodel_reader(tmp_path: Path) -> None:
     assert n > 20
 
 
+@needs_fixtures
 def test_fuzz_params_reader(tmp_path: Path) -> None:
     arrays = {
         k: v for k, v in read_params(MX / "lsoftmax_lenet-0000.params").items() if v.size < 100
