@@ -138,6 +138,20 @@ def test_fixture_batchnorm_and_sigma_conversions(converted: dict[str, ConvertedN
 
 
 @needs_fixtures
+def test_saved_model_reloads(tmp_path: Path, converted: dict[str, ConvertedNet]) -> None:
+    from lsoftmax.converters import save_converted
+
+    net = converted["lgm_tiny_iso"]
+    save_converted(net, tmp_path / "lgm.pt")
+    again = load_converted(tmp_path / "lgm.pt")
+    x = torch.from_numpy(fixture_input("lgm_tiny_iso", 2))
+    assert torch.equal(again(x), net(x))
+    assert (
+        module_of(again, "classifier").alpha_schedule == module_of(net, "classifier").alpha_schedule
+    )
+
+
+@needs_fixtures
 @pytest.mark.parametrize("name", MODELS)
 def test_fixture_outputs_match_numpy_forward(name: str, converted: dict[str, ConvertedNet]) -> None:
     x = fixture_input(name)
