@@ -8,6 +8,8 @@ GPU tests carry the ``gpu`` marker; ``benchmarks/gpu_check.sh`` runs them on a G
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 from typing import Any
 
@@ -19,7 +21,7 @@ from reference import lsoftmax_reference, max_rel_err, reference_with_grads, seg
 
 import lsoftmax.cuda as lc
 from lsoftmax import _core, core
-from lsoftmax.torch import set_deterministic, set_label_check
+from lsoftmax.torch import _kernels, set_deterministic, set_label_check
 from lsoftmax.torch._kernels import deterministic_enabled
 from lsoftmax.torch.functional import lsoftmax_logits
 
@@ -590,6 +592,87 @@ def test_dlpack_capsule_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TypeError, match="x is not on a CUDA device"):
         lc.margin_forward_(
             FakeDLPack(logits), CpuDLPack(xv), FakeDLPack(w), FakeDLPack(labels), 3, 0.0
+        )
+
+
+@pytest.fixture
+def fake_torch_cuda(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple, dict]]:
+    """The torch CUDA glue of _kernels.py run on CPU tensors: torch.cuda's stream/device calls
+    and the _core launchers are stand-ins that record what they are given."""
+    calls: list[tuple[str, tuple, dict]] = []
+
+    class Stream:
+        cuda_stream = 77
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_core, "cuda_margin_forward_", lambda *a, **k: calls.append(("f", a, k)))
+    monkeypatch.setattr(_core, "cuda_margin_backward_", lambda *a, **k: calls.append(("b", a, k)))
+    monkeypatch.setattr(_core, "cuda_backward_workspace_size", lambda n, c, dt, det: 1000 + n)
+    _kernels._workspace_bytes.cache_clear()
+    yield calls
+    _kernels._workspace_bytes.cache_clear()
+
+
+def test_torch_cuda_glue_marshals_pointers_strides_stream(fake_torch_cuda: list) -> None:
+    base = torch.zeros(5, 8, dtype=torch.float64)
+    x = base[:, ::2]  # strides (8, 2)
+    w = torch.zeros(3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0], dtype=torch.int32)
+    logits = torch.zeros(5, 3, dtype=torch.float64)
+    _kernels._cuda_forward_(logits, x, w, y, 4, 0.5)
+    kind, args, kw = fake_torch_cuda[-1]
+    assert kind == "f"
+    assert args[:4] == (
+        (logits.data_ptr(), 5, 3, 3, 1, "float64"),
+        (x.data_ptr(), 5, 4, 8, 2, "float64"),
+        (w.data_ptr(), 3, 4, 4, 1, "float64"),
+        (y.data_ptr(), 5, 1, "int32"),
+    )
+    assert args[4:] == (4, 0.5)
+    assert kw["stream"] == 77 and kw["check_labels"] and kw["error_flag"] != 0
+
+    set_label_check("off")
+    _kernels._cuda_forward_(logits, x, w, y, 4, 0.5)
+    assert fake_torch_cuda[-1][2]["error_flag"] == 0
+    assert not fake_torch_cuda[-1][2]["check_labels"]
+
+
+def test_torch_cuda_glue_backward_workspace_and_modes(fake_torch_cuda: list) -> None:
+    g = torch.zeros(5, 3)
+    x, w = torch.zeros(5, 4), torch.zeros(3, 4)
+    y = torch.zeros(5, dtype=torch.int64)
+    gx, gw = torch.zeros(5, 4), torch.zeros(3, 4)
+    _kernels._cuda_backward_(g, x, w, y, gx, gw, 4, 0.0)  # atomic: no workspace
+    kw = fake_torch_cuda[-1][2]
+    assert not kw["deterministic"] and kw["workspace"] == 0 and kw["workspace_bytes"] == 0
+    set_deterministic(True)
+    _kernels._cuda_backward_(g, x, w, y, gx, gw, 4, 0.0)
+    kw = fake_torch_cuda[-1][2]
+    assert kw["deterministic"] and kw["workspace"] != 0 and kw["workspace_bytes"] == 1005
+    set_deterministic(False)
+    h = [t.half() for t in (g, x, w, gx, gw)]  # 16-bit: always the workspace path
+    _kernels._cuda_backward_(h[0], h[1], h[2], y, h[3], h[4], 4, 0.0)
+    args, kw = fake_torch_cuda[-1][1:]
+    assert args[0][5] == "float16" and kw["workspace_bytes"] == 1005
+    _kernels._cuda_backward_(h[0], h[1], h[2], y, h[3], h[4], 1, 0.0)  # margin 1: no scatter
+    assert fake_torch_cuda[-1][2]["workspace_bytes"] == 0
+
+
+def test_torch_cuda_glue_raises_on_flagged_labels(
+    fake_torch_cuda: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def flagging_forward(*args: Any, **kw: Any) -> None:
+        ctypes.c_int32.from_address(kw["error_flag"]).value = 1  # what the kernel does
+
+    monkeypatch.setattr(_core, "cuda_margin_forward_", flagging_forward)
+    y = torch.tensor([0, 5, 1])
+    with pytest.raises(ValueError, match=r"labels\[1\] = 5 is out of range \[0, 3\)"):
+        _kernels._cuda_forward_(torch.zeros(3, 3), torch.zeros(3, 2), torch.zeros(3, 2), y, 2, 0.0)
+    with pytest.raises(TypeError, match="labels must be int32 or int64"):
+        _kernels._cuda_forward_(
+            torch.zeros(3, 3), torch.zeros(3, 2), torch.zeros(3, 2), y.to(torch.int16), 2, 0.0
         )
 
 
