@@ -153,7 +153,10 @@ def _ort_runner(sess: Any, feeds: dict[str, Any]) -> Callable[[], None]:
 
     binding = sess.io_binding()
     for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+        # Features on the device; labels (small) on the host, where the custom op's CUDA kernel
+        # takes them (the portable graph copies them up itself).
+        device = "cpu" if value.dtype.kind == "i" else "cuda"
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
     for out in sess.get_outputs():
         binding.bind_output(out.name, "cuda")
 
