@@ -194,7 +194,8 @@ OrtStatus* LSoftmaxLinearCudaKernel<T>::ComputeV2(OrtKernelContext* context) {
       s = gemm_xwt(handle, stream, std::is_same_v<T, double>, x.GetTensorData<T>(),
                    w.GetTensorData<T>(), out, n, d, c);
     }
-    if (!s.ok() || !labels) return to_ort_status(kLSoftmaxLinear, s);
+    // Margin 1 leaves the product as it is (the labels were still checked above).
+    if (!s.ok() || !labels || margin_ == 1) return to_ort_status(kLSoftmaxLinear, s);
 
     const size_t label_bytes =
         static_cast<size_t>(n) * (label_type == lsoftmax::cuda::LabelType::kInt32 ? 4 : 8);
