@@ -86,11 +86,11 @@ bool is_diagonal(int64_t log_var_cols, int64_t feat_dim) { return log_var_cols =
 template <typename T>
 double half_logdet(const MatrixView<const T>& log_var, int64_t k, int64_t feat_dim) {
   if (!is_diagonal(log_var.cols, feat_dim)) {
-    return 0.5 * static_cast<double>(feat_dim) * static_cast<double>(log_var(k, 0));
+    return lgm_half_logdet_isotropic(static_cast<double>(log_var(k, 0)), feat_dim);
   }
   double lsum = 0.0;
   for (int64_t j = 0; j < log_var.cols; ++j) lsum += static_cast<double>(log_var(k, j));
-  return 0.5 * lsum;
+  return lgm_half_logdet_from_sum(lsum);
 }
 
 // Per-class quantities in double: precision p (C x Dv), c_k = sum_j muc_kj^2 p_kj and
@@ -115,13 +115,13 @@ ClassTerms class_terms(const MatrixView<const T>& means, const MatrixView<const 
   t.h.resize(static_cast<size_t>(C));
   detail::parallel_for(C, 4 * D, [&](int64_t k) {
     for (int64_t j = 0; j < dv; ++j) {
-      t.p[static_cast<size_t>(k * dv + j)] = std::exp(-static_cast<double>(log_var(k, j)));
+      t.p[static_cast<size_t>(k * dv + j)] = lgm_precision(static_cast<double>(log_var(k, j)));
     }
     t.h[static_cast<size_t>(k)] = half_logdet(log_var, k, D);
     double c = 0.0;
     for (int64_t j = 0; j < D; ++j) {
-      const double m = static_cast<double>(means(k, j)) - static_cast<double>(offset[j]);
-      c += m * m * t.prec(k, j);
+      c += lgm_direct_term(static_cast<double>(means(k, j)), static_cast<double>(offset[j]),
+                           t.prec(k, j));
     }
     t.c[static_cast<size_t>(k)] = c;
   });
@@ -133,11 +133,11 @@ ClassTerms class_terms(const MatrixView<const T>& means, const MatrixView<const 
 template <typename T>
 int64_t predicted_class(const MatrixView<const T>& logits, int64_t i, const std::vector<double>& h,
                         bool include_logdet, double* best_value) {
-  const double drop = include_logdet ? 0.0 : 1.0;
   int64_t best = 0;
   double best_v = -INFINITY;
   for (int64_t k = 0; k < logits.cols; ++k) {
-    const double v = static_cast<double>(logits(i, k)) - drop * h[static_cast<size_t>(k)];
+    const double v = lgm_prediction_score(static_cast<double>(logits(i, k)),
+                                          h[static_cast<size_t>(k)], include_logdet);
     if (v > best_v) {
       best_v = v;
       best = k;
@@ -191,10 +191,10 @@ Status lgm_prepare(MatrixView<const T> means, MatrixView<const T> log_var, T* of
   });
   detail::parallel_for(C, 4 * D, [&](int64_t k) {
     for (int64_t j = 0; j < dv; ++j) {
-      precision(k, j) = static_cast<T>(std::exp(-static_cast<double>(log_var(k, j))));
+      precision(k, j) = static_cast<T>(lgm_precision(static_cast<double>(log_var(k, j))));
     }
     for (int64_t j = 0; j < D; ++j) {
-      const double p = std::exp(-static_cast<double>(log_var(k, dv == 1 ? 0 : j)));
+      const double p = lgm_precision(static_cast<double>(log_var(k, dv == 1 ? 0 : j)));
       scaled_means(k, j) =
           static_cast<T>((static_cast<double>(means(k, j)) - static_cast<double>(offset[j])) * p);
     }
@@ -222,7 +222,6 @@ Status lgm_forward(MatrixView<const T> x, MatrixView<const T> means, MatrixView<
 
   const ClassTerms ct = class_terms(means, log_var, offset);
   const bool has_labels = labels.data != nullptr;
-  const double logdet_w = include_logdet ? 1.0 : 0.0;
   std::vector<int64_t> direct(static_cast<size_t>(N), 0);
   detail::parallel_for(N, 8 * C + D, [&](int64_t i) {
     double xsq = 0.0;  // |xc_i|^2, the isotropic A_ik / p_k
@@ -236,24 +235,23 @@ Status lgm_forward(MatrixView<const T> x, MatrixView<const T> means, MatrixView<
     double d_target = 0.0;
     int64_t n_dir = 0;
     for (int64_t k = 0; k < C; ++k) {
-      const double a =
-          diag ? std::max(0.0, static_cast<double>(sq_term(i, k))) : ct.prec(k, 0) * xsq;
-      const double ck = ct.c[static_cast<size_t>(k)];
-      double d2 = a - 2.0 * static_cast<double>(logits(i, k)) + ck;
-      const double bound = (std::sqrt(a) + std::sqrt(ck)) * (std::sqrt(a) + std::sqrt(ck));
-      if (!(d2 * kLgmDirectRatio >= bound)) {
+      const double a = diag ? static_cast<double>(sq_term(i, k)) : ct.prec(k, 0) * xsq;
+      bool needs_direct = false;
+      double d2 = lgm_expansion_d2(a, static_cast<double>(logits(i, k)),
+                                   ct.c[static_cast<size_t>(k)], &needs_direct);
+      if (needs_direct) {
         double acc = 0.0;
         for (int64_t j = 0; j < D; ++j) {
-          const double diff = static_cast<double>(x(i, j)) - static_cast<double>(means(k, j));
-          acc += diff * diff * ct.prec(k, j);
+          acc += lgm_direct_term(static_cast<double>(x(i, j)), static_cast<double>(means(k, j)),
+                                 ct.prec(k, j));
         }
         d2 = acc;
         ++n_dir;
       }
-      const double d = 0.5 * std::max(d2, 0.0);
-      const double scale = (k == y) ? 1.0 + alpha : 1.0;
+      const double d = lgm_half_distance(d2);
       if (k == y) d_target = d;
-      logits(i, k) = static_cast<T>(-scale * d - logdet_w * ct.h[static_cast<size_t>(k)]);
+      logits(i, k) =
+          static_cast<T>(lgm_logit(d, k == y, alpha, include_logdet, ct.h[static_cast<size_t>(k)]));
     }
     direct[static_cast<size_t>(i)] = n_dir;
     if (has_labels) {
@@ -296,7 +294,6 @@ Status lgm_backward_coeffs(MatrixView<const T> grad_logits, const T* grad_loglik
   const bool has_labels = labels.data != nullptr;
   std::vector<double> h(static_cast<size_t>(C));
   for (int64_t k = 0; k < C; ++k) h[static_cast<size_t>(k)] = half_logdet(log_var, k, feat_dim);
-  const double logdet_w = include_logdet ? 1.0 : 0.0;
 
   // W_ik = -(1 + alpha [k = y_i]) G_ik - g_i [k = c_i], with c_i the label or the prediction;
   // W_ic goes to own[i] and its place in coeff is zeroed.
@@ -305,8 +302,7 @@ Status lgm_backward_coeffs(MatrixView<const T> grad_logits, const T* grad_loglik
     const int64_t c = has_labels ? y : predicted_class(logits, i, h, include_logdet, nullptr);
     cls[i] = c;
     for (int64_t k = 0; k < C; ++k) {
-      const double scale = (k == y) ? 1.0 + alpha : 1.0;
-      coeff(i, k) = static_cast<T>(-scale * static_cast<double>(grad_logits(i, k)));
+      coeff(i, k) = static_cast<T>(lgm_coeff(static_cast<double>(grad_logits(i, k)), k == y, alpha));
     }
     double w = static_cast<double>(coeff(i, c));
     if (grad_loglik) w -= static_cast<double>(grad_loglik[i]);
@@ -319,7 +315,7 @@ Status lgm_backward_coeffs(MatrixView<const T> grad_logits, const T* grad_loglik
     double cs = 0.0, gh = 0.0;
     for (int64_t i = 0; i < N; ++i) {
       cs += static_cast<double>(coeff(i, k));
-      gh -= logdet_w * static_cast<double>(grad_logits(i, k));
+      gh += lgm_grad_h_term(static_cast<double>(grad_logits(i, k)), include_logdet);
       if (grad_loglik && cls[i] == k) gh -= static_cast<double>(grad_loglik[i]);
     }
     colsum[k] = static_cast<T>(cs);
@@ -354,7 +350,7 @@ Status lgm_backward_assemble(MatrixView<const T> x, MatrixView<const T> means,
   if (!s.ok()) return s;
   const bool diag = is_diagonal(dv, D);
   auto prec = [&](int64_t k, int64_t j) {
-    return std::exp(-static_cast<double>(log_var(k, diag ? j : 0)));
+    return lgm_precision(static_cast<double>(log_var(k, diag ? j : 0)));
   };
 
   detail::parallel_for(N, 4 * D, [&](int64_t i) {
@@ -363,8 +359,8 @@ Status lgm_backward_assemble(MatrixView<const T> x, MatrixView<const T> means,
     for (int64_t j = 0; j < D; ++j) {
       const double xc = static_cast<double>(x(i, j)) - static_cast<double>(offset[j]);
       const double diff = static_cast<double>(x(i, j)) - static_cast<double>(means(c, j));
-      grad_x(i, j) = static_cast<T>(xc * static_cast<double>(wp(i, diag ? j : 0)) -
-                                    static_cast<double>(wmp(i, j)) + w * prec(c, j) * diff);
+      grad_x(i, j) = static_cast<T>(lgm_grad_x(xc, static_cast<double>(wp(i, diag ? j : 0)),
+                                               static_cast<double>(wmp(i, j)), w, prec(c, j), diff));
     }
   });
 
@@ -399,19 +395,18 @@ Status lgm_backward_assemble(MatrixView<const T> x, MatrixView<const T> means,
       const double muc = static_cast<double>(means(k, j)) - static_cast<double>(offset[j]);
       const double p = prec(k, j);
       const double tx = static_cast<double>(wtx(k, j));
-      grad_means(k, j) = static_cast<T>(-p * (tx - muc * cs + s1[static_cast<size_t>(j)]));
-      const double bracket = -2.0 * muc * tx + muc * muc * cs + s2[static_cast<size_t>(j)];
+      grad_means(k, j) = static_cast<T>(lgm_grad_mean(p, tx, muc, cs, s1[static_cast<size_t>(j)]));
+      const double bracket = lgm_log_var_bracket(tx, muc, cs, s2[static_cast<size_t>(j)]);
       if (diag) {
         grad_log_var(k, j) =
-            static_cast<T>(-0.5 * p * (static_cast<double>(wtx2(k, j)) + bracket) + 0.5 * gh);
+            static_cast<T>(lgm_grad_log_var(p, static_cast<double>(wtx2(k, j)), bracket, 1.0, gh));
       } else {
         iso_sum += bracket;
       }
     }
     if (!diag) {
-      grad_log_var(k, 0) =
-          static_cast<T>(-0.5 * prec(k, 0) * (static_cast<double>(wtx2(k, 0)) + iso_sum) +
-                         0.5 * static_cast<double>(D) * gh);
+      grad_log_var(k, 0) = static_cast<T>(lgm_grad_log_var(
+          prec(k, 0), static_cast<double>(wtx2(k, 0)), iso_sum, static_cast<double>(D), gh));
     }
   });
   return Status::Ok();

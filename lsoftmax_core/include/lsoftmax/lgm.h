@@ -28,13 +28,11 @@
 
 #include <cstdint>
 
+#include "lsoftmax/lgm_math.h"  // the scalar math, shared with the CUDA core
 #include "lsoftmax/status.h"
 #include "lsoftmax/views.h"
 
 namespace lsoftmax {
-
-// An expansion entry whose error bound exceeds this many times its value is recomputed directly.
-constexpr double kLgmDirectRatio = 16.0;
 
 // alpha >= 0 (not NaN); the message names the argument.
 Status validate_lgm_alpha(double alpha);
