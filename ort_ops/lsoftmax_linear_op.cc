@@ -121,7 +121,9 @@ OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
       std::fill(out, out + n * c, T(0));
     } else {
       OrtValue* outputs[] = {static_cast<OrtValue*>(y)};
-      if (w_t_value_ && c == w_rows_ && d == w_cols_) {
+      // Only a single row takes MLAS's GEMV path; for more rows the transposed-B Gemm measured
+      // faster (its packing of B is cheaper than the plain-B copy).
+      if (n == 1 && w_t_value_ && c == w_rows_ && d == w_cols_) {
         const OrtValue* inputs[] = {static_cast<const OrtValue*>(x),
                                     static_cast<const OrtValue*>(w_t_value_)};
         gemm_nt_.Invoke(context, inputs, 2, outputs, 1);

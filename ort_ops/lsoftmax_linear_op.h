@@ -24,10 +24,10 @@ class LSoftmaxLinearKernel {
 
  private:
   Ort::Op gemm_{nullptr};  // Y = X W^T (transB = 1)
-  // When W is a constant initializer, W^T (D x C) is kept and multiplied with transB = 0: ORT's
-  // Gemm re-packs a transposed B on every call, and only a plain B reaches MLAS's single-row
-  // GEMV path, which made batch-1 inference ~25% slower than the standard graph (whose Gemm
-  // pre-packs its constant weight). Costs one extra copy of W.
+  // When W is a constant initializer, W^T (D x C) is kept and single-row batches multiply it
+  // with transB = 0: only a plain B reaches MLAS's GEMV path, and without it batch-1 inference
+  // was ~25% slower than the standard graph (whose Gemm pre-packs its constant weight). Costs
+  // one extra copy of W.
   std::vector<T> w_t_;
   int64_t w_rows_ = 0, w_cols_ = 0;
   Ort::MemoryInfo cpu_{nullptr};
