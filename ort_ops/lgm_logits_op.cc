@@ -158,31 +158,41 @@ LGMLogitsOp<T>::LGMLogitsOp() {
   OrtCustomOp::version = kMinOrtApiVersion;
 }
 
+OrtStatus* ReadLGMLogitsAttributes(const OrtKernelInfo* info, double* alpha_out,
+                                   bool* include_logdet_out) {
+  float alpha = kLGMLogitsDefaultAlpha;
+  if (!try_attribute(info, "alpha", &alpha)) {
+    int64_t as_int = 0;
+    if (try_attribute(info, "alpha", &as_int)) {
+      return invalid_argument(kLGMLogits, "attribute 'alpha' must be a float, got an int");
+    }
+  }
+  int64_t include_logdet = kLGMLogitsDefaultIncludeLogdet;
+  if (!try_attribute(info, "include_logdet", &include_logdet)) {
+    float as_float = 0.0f;
+    if (try_attribute(info, "include_logdet", &as_float)) {
+      return invalid_argument(kLGMLogits, "attribute 'include_logdet' must be an int (0 or 1)");
+    }
+  }
+  if (include_logdet != 0 && include_logdet != 1) {
+    return invalid_argument(kLGMLogits, "attribute 'include_logdet' must be 0 or 1, got " +
+                                            std::to_string(include_logdet));
+  }
+  const lsoftmax::Status s = lsoftmax::validate_lgm_alpha(alpha);
+  if (!s.ok()) return invalid_argument(kLGMLogits, "attribute " + s.message());
+  *alpha_out = alpha;
+  *include_logdet_out = include_logdet == 1;
+  return nullptr;
+}
+
 template <typename T>
 OrtStatus* LGMLogitsOp<T>::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info,
                                           void** kernel) const {
   return guarded(kLGMLogits, [&]() -> OrtStatus* {
-    float alpha = kLGMLogitsDefaultAlpha;
-    if (!try_attribute(info, "alpha", &alpha)) {
-      int64_t as_int = 0;
-      if (try_attribute(info, "alpha", &as_int)) {
-        return invalid_argument(kLGMLogits, "attribute 'alpha' must be a float, got an int");
-      }
-    }
-    int64_t include_logdet = kLGMLogitsDefaultIncludeLogdet;
-    if (!try_attribute(info, "include_logdet", &include_logdet)) {
-      float as_float = 0.0f;
-      if (try_attribute(info, "include_logdet", &as_float)) {
-        return invalid_argument(kLGMLogits, "attribute 'include_logdet' must be an int (0 or 1)");
-      }
-    }
-    if (include_logdet != 0 && include_logdet != 1) {
-      return invalid_argument(kLGMLogits, "attribute 'include_logdet' must be 0 or 1, got " +
-                                              std::to_string(include_logdet));
-    }
-    const lsoftmax::Status s = lsoftmax::validate_lgm_alpha(alpha);
-    if (!s.ok()) return invalid_argument(kLGMLogits, "attribute " + s.message());
-    *kernel = new LGMLogitsKernel<T>(make_gemm_abt<T>(info), alpha, include_logdet == 1);
+    double alpha = 0.0;
+    bool include_logdet = true;
+    if (OrtStatus* bad = ReadLGMLogitsAttributes(info, &alpha, &include_logdet)) return bad;
+    *kernel = new LGMLogitsKernel<T>(make_gemm_abt<T>(info), alpha, include_logdet);
     return nullptr;
   });
 }

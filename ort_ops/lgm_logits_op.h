@@ -49,6 +49,9 @@ struct LGMLogitsOp : Ort::CustomOpBase<LGMLogitsOp<T>, LGMLogitsKernel<T>, /*Wit
   ONNXTensorElementDataType GetOutputType(size_t) const { return onnx_type<T>(); }
 };
 
+// Reads and checks the attributes (alpha, include_logdet) for the CPU and CUDA-EP kernels.
+OrtStatus* ReadLGMLogitsAttributes(const OrtKernelInfo* info, double* alpha, bool* include_logdet);
+
 // The CPU ops (float32 and float64), static objects that live as long as the library.
 std::vector<const OrtCustomOp*> LGMLogitsCpuOps();
 

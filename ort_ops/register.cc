@@ -17,7 +17,7 @@
 #define LSOFTMAX_ORT_CPU_OPS(X) X(LSoftmaxLinearCpuOps) X(LGMLogitsCpuOps)
 
 #ifdef LSOFTMAX_WITH_CUDA
-#define LSOFTMAX_ORT_CUDA_OPS(X) X(LSoftmaxLinearCudaOps)
+#define LSOFTMAX_ORT_CUDA_OPS(X) X(LSoftmaxLinearCudaOps) X(LGMLogitsCudaOps)
 #else
 #define LSOFTMAX_ORT_CUDA_OPS(X)
 #endif

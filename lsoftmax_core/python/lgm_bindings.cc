@@ -4,14 +4,19 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <utility>
 
 #include "array_views.h"
 #include "bindings.h"
+#include "cuda_args.h"
 #include "lsoftmax/lgm.h"
 #include "lsoftmax/schedules.h"
+#ifdef LSOFTMAX_WITH_CUDA
+#include "lsoftmax/lgm_cuda.h"
+#endif
 
 namespace lsoftmax::python {
 namespace {
@@ -240,6 +245,160 @@ py::tuple backward_assemble_py(py::array x_in, py::array means_in, py::array lv_
   });
 }
 
+
+// --- CUDA: device pointers, shapes and strides as ints (see cuda_args.h), a stream as an int.
+// Vectors (offset, loglik, colsum, grad_h, own) are contiguous device buffers in the matrices'
+// dtype, cls is int64, class_terms float64 (cuda_lgm_class_terms_bytes). No launcher syncs or
+// allocates: the caller passes the error flag (a zeroed device int32; 0 = none) and workspace.
+
+#ifdef LSOFTMAX_WITH_CUDA
+
+namespace ca = cuda_args;
+
+// Runs a launcher without the GIL and turns its Status into a Python exception.
+template <typename F>
+void launch(F&& f) {
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = f();
+  }
+  raise_if_error(s);
+}
+
+void cuda_prepare_py(const py::object& means, const py::object& log_var, uintptr_t offset,
+                     const py::object& precision, const py::object& scaled_means,
+                     uintptr_t class_terms, uintptr_t error_flag, uintptr_t stream) {
+  const auto mv = ca::optional_matrix("means", means), lv = ca::optional_matrix("log_var", log_var);
+  const auto pv = ca::optional_matrix("precision", precision);
+  const auto sv = ca::optional_matrix("scaled_means", scaled_means);
+  launch([&] {
+    return cuda::lgm_prepare(mv, lv, ca::ptr(offset), pv, sv, ca::ptr<double>(class_terms),
+                             ca::ptr<int32_t>(error_flag), ca::ptr(stream));
+  });
+}
+
+void cuda_forward_py(const py::object& x, const py::object& means, const py::object& log_var,
+                     uintptr_t offset, uintptr_t class_terms, const py::object& sq_term,
+                     const py::object& labels, const py::object& logits, uintptr_t loglik,
+                     double alpha, bool include_logdet, uintptr_t n_direct, uintptr_t error_flag,
+                     uintptr_t stream) {
+  const auto xv = ca::optional_matrix("x", x), mv = ca::optional_matrix("means", means);
+  const auto lv = ca::optional_matrix("log_var", log_var);
+  const auto sq = ca::optional_matrix("sq_term", sq_term);
+  const auto zv = ca::optional_matrix("logits", logits);
+  const auto yv = ca::optional_labels(labels);
+  launch([&] {
+    return cuda::lgm_forward(xv, mv, lv, ca::ptr<const void>(offset),
+                             ca::ptr<const double>(class_terms), sq, yv, zv, ca::ptr(loglik),
+                             alpha, include_logdet, ca::ptr<unsigned long long>(n_direct),
+                             ca::ptr<int32_t>(error_flag), ca::ptr(stream));
+  });
+}
+
+void cuda_backward_coeffs_py(const py::object& grad_logits, uintptr_t grad_loglik,
+                             const py::object& logits, uintptr_t class_terms,
+                             const py::object& labels, double alpha, bool include_logdet,
+                             const py::object& coeff, uintptr_t colsum, uintptr_t grad_h,
+                             uintptr_t own, uintptr_t cls, uintptr_t workspace,
+                             size_t workspace_bytes, uintptr_t error_flag, uintptr_t stream) {
+  const auto gv = ca::optional_matrix("grad_logits", grad_logits);
+  const auto zv = ca::optional_matrix("logits", logits);
+  const auto cv = ca::optional_matrix("coeff", coeff);
+  const auto yv = ca::optional_labels(labels);
+  launch([&] {
+    return cuda::lgm_backward_coeffs(gv, ca::ptr<const void>(grad_loglik), zv,
+                                     ca::ptr<const double>(class_terms), yv, alpha,
+                                     include_logdet, cv, ca::ptr(colsum), ca::ptr(grad_h),
+                                     ca::ptr(own), ca::ptr<int64_t>(cls), ca::ptr(workspace),
+                                     workspace_bytes, ca::ptr<int32_t>(error_flag),
+                                     ca::ptr(stream));
+  });
+}
+
+void cuda_backward_assemble_py(const py::object& x, const py::object& means,
+                               const py::object& log_var, uintptr_t offset, uintptr_t colsum,
+                               uintptr_t grad_h, uintptr_t own, uintptr_t cls,
+                               const py::object& wp, const py::object& wmp, const py::object& wtx,
+                               const py::object& wtx2, const py::object& grad_x,
+                               const py::object& grad_means, const py::object& grad_log_var,
+                               uintptr_t workspace, size_t workspace_bytes, uintptr_t error_flag,
+                               uintptr_t stream) {
+  const auto xv = ca::optional_matrix("x", x), mv = ca::optional_matrix("means", means);
+  const auto lv = ca::optional_matrix("log_var", log_var);
+  const auto wpv = ca::optional_matrix("wp", wp), wmpv = ca::optional_matrix("wmp", wmp);
+  const auto wtxv = ca::optional_matrix("wtx", wtx), wtx2v = ca::optional_matrix("wtx2", wtx2);
+  const auto gx = ca::optional_matrix("grad_x", grad_x);
+  const auto gm = ca::optional_matrix("grad_means", grad_means);
+  const auto glv = ca::optional_matrix("grad_log_var", grad_log_var);
+  launch([&] {
+    return cuda::lgm_backward_assemble(
+        xv, mv, lv, ca::ptr<const void>(offset), ca::ptr<const void>(colsum),
+        ca::ptr<const void>(grad_h), ca::ptr<const void>(own), ca::ptr<const int64_t>(cls), wpv,
+        wmpv, wtxv, wtx2v, gx, gm, glv, ca::ptr(workspace), workspace_bytes,
+        ca::ptr<int32_t>(error_flag), ca::ptr(stream));
+  });
+}
+
+size_t cuda_workspace_size_py(int64_t n, int64_t c, int64_t d, int64_t dv) {
+  size_t bytes = 0;
+  launch([&] { return cuda::lgm_backward_workspace_size(n, c, d, dv, &bytes); });
+  return bytes;
+}
+
+size_t cuda_class_terms_bytes_py(int64_t c) { return cuda::lgm_class_terms_bytes(c); }
+
+void bind_lgm_cuda(py::module_& m) {
+  m.def("cuda_lgm_prepare", &cuda_prepare_py, py::arg("means"), py::arg("log_var"),
+        py::arg("offset"), py::arg("precision"), py::arg("scaled_means"), py::arg("class_terms"),
+        py::arg("error_flag") = 0, py::arg("stream") = 0,
+        "On the device: offset (D), precision, scaled_means and the per-class terms, as "
+        "lgm_prepare; a non-finite log_var ORs 2 into *error_flag.");
+  m.def("cuda_lgm_forward_", &cuda_forward_py, py::arg("x"), py::arg("means"),
+        py::arg("log_var"), py::arg("offset"), py::arg("class_terms"), py::arg("sq_term"),
+        py::arg("labels"), py::arg("logits"), py::arg("loglik"), py::arg("alpha"),
+        py::arg("include_logdet"), py::arg("n_direct") = 0, py::arg("error_flag") = 0,
+        py::arg("stream") = 0,
+        "In place on the device, as lgm_forward_: logits holds (x - offset) @ scaled_means.T. "
+        "sq_term/labels may be None; a bad label ORs 1 into *error_flag; n_direct (a device "
+        "uint64 or 0) counts the directly recomputed entries.");
+  m.def("cuda_lgm_backward_coeffs", &cuda_backward_coeffs_py, py::arg("grad_logits"),
+        py::arg("grad_loglik"), py::arg("logits"), py::arg("class_terms"), py::arg("labels"),
+        py::arg("alpha"), py::arg("include_logdet"), py::arg("coeff"), py::arg("colsum"),
+        py::arg("grad_h"), py::arg("own"), py::arg("cls"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("error_flag") = 0, py::arg("stream") = 0,
+        "On the device, as lgm_backward_coeffs, into caller buffers.");
+  m.def("cuda_lgm_backward_assemble", &cuda_backward_assemble_py, py::arg("x"), py::arg("means"),
+        py::arg("log_var"), py::arg("offset"), py::arg("colsum"), py::arg("grad_h"),
+        py::arg("own"), py::arg("cls"), py::arg("wp"), py::arg("wmp"), py::arg("wtx"),
+        py::arg("wtx2"), py::arg("grad_x"), py::arg("grad_means"), py::arg("grad_log_var"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("error_flag") = 0,
+        py::arg("stream") = 0, "On the device, as lgm_backward_assemble, into caller buffers.");
+  m.def("cuda_lgm_backward_workspace_size", &cuda_workspace_size_py, py::arg("n"),
+        py::arg("num_classes"), py::arg("feat_dim"), py::arg("log_var_cols"),
+        "Bytes of device workspace the two L-GM backward launchers need (256-byte aligned).");
+  m.def("cuda_lgm_class_terms_bytes", &cuda_class_terms_bytes_py, py::arg("num_classes"),
+        "Bytes of the float64 class_terms buffer.");
+}
+
+#else  // no CUDA compiled in
+
+void bind_lgm_cuda(py::module_& m) {
+  for (const char* name :
+       {"cuda_lgm_prepare", "cuda_lgm_forward_", "cuda_lgm_backward_coeffs",
+        "cuda_lgm_backward_assemble", "cuda_lgm_backward_workspace_size",
+        "cuda_lgm_class_terms_bytes"}) {
+    m.def(name, [](const py::args&, const py::kwargs&) -> py::object {
+      throw std::runtime_error(
+          "lsoftmax was built without CUDA (no CUDA compiler was found at build time, or "
+          "LSOFTMAX_CUDA=OFF); rebuild with LSOFTMAX_CUDA=ON and nvcc on the PATH to run the "
+          "L-GM kernels on GPU tensors");
+    });
+  }
+}
+
+#endif
+
 }  // namespace
 
 void bind_lgm(pybind11::module_& m) {
@@ -277,6 +436,7 @@ void bind_lgm(pybind11::module_& m) {
     if (it < 0) throw py::value_error("it must be >= 0, got " + std::to_string(it));
     return stepup_value(value, gamma, step, max_value, it);
   }, py::arg("value"), py::arg("gamma"), py::arg("step"), py::arg("max_value"), py::arg("it"));
+  bind_lgm_cuda(m);
 }
 
 }  // namespace lsoftmax::python
