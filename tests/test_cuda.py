@@ -9,7 +9,9 @@ GPU tests carry the ``gpu`` marker; ``benchmarks/gpu_check.sh`` runs them on a G
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
+import math
 import os
 from typing import Any
 
@@ -21,7 +23,8 @@ from reference import lsoftmax_reference, max_rel_err, reference_with_grads, seg
 
 import lsoftmax.cuda as lc
 from lsoftmax import _core, core
-from lsoftmax.torch import _kernels, set_deterministic, set_label_check
+from lsoftmax.schedules import Constant, Exponential, Scaled, Schedule, StepUp
+from lsoftmax.torch import LSoftmaxLinear, _kernels, set_deterministic, set_label_check
 from lsoftmax.torch._kernels import deterministic_enabled
 from lsoftmax.torch.functional import lsoftmax_logits
 
@@ -697,3 +700,246 @@ def test_without_a_gpu_everything_imports_and_errors_clearly() -> None:
         lc.DeviceArray(np.zeros(3, np.float32))
     with pytest.raises(RuntimeError, match=expected):
         lc.backward_workspace_size(8, 3, "float32", True)
+
+
+# --- lambda schedules on the device: LSoftmaxLinear without host syncs (CUDA graphs, compile) --
+
+
+def _schedule_closed(kind: str, p: list[float], it: int) -> float:
+    """The schedule formulas of DESIGN.md, written out independently in float64."""
+    if kind == "exponential":
+        base, gamma, power, lambda_min, iteration = p
+        return max(lambda_min, base * (1.0 + gamma * (iteration + it + 1)) ** (-power))
+    if kind == "scaled":
+        beta, scale, beta_min = p
+        return max(beta_min, beta * scale**it)
+    if kind == "stepup":
+        value, gamma, every, max_value = p
+        try:
+            grown = value * gamma ** (it // int(every))
+        except OverflowError:  # Python floats raise where IEEE gives inf
+            grown = math.inf
+        return min(max_value, grown)
+    assert kind == "constant"
+    return p[0]
+
+
+SCHEDULES: list[Schedule] = [
+    Exponential(),
+    Exponential(base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0),
+    Exponential(base=100.0, gamma=1e-3, power=2.0, iteration=500),
+    Scaled(),
+    Scaled(beta=1000.0, scale=0.5, beta_min=3.0),
+    Constant(2.5),
+    StepUp(0.1, 2.0, 3, 1.5),
+]
+SCHEDULE_STEPS = (0, 1, 2, 3, 7, 100, 12345, 10**6)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=repr)
+def test_schedule_spec_matches_closed_form_and_schedules(schedule: Schedule) -> None:
+    # _core.schedule_value evaluates the ScheduleSpec that the CUDA schedule kernel evaluates
+    # (schedule_math.h), on the host: the device formulas checked where no GPU is.
+    for it in SCHEDULE_STEPS:
+        got = _core.schedule_value(schedule.kind, schedule.params(), it)
+        expected = _schedule_closed(schedule.kind, schedule.params(), it)
+        assert got == pytest.approx(expected, rel=1e-13, abs=0.0), it
+        assert got == schedule.value(it), it  # one home: the same functions as the CPU path
+        op = torch.ops.lsoftmax.schedule_lambda(torch.tensor(it), schedule.kind, schedule.params())
+        assert op.item() == got
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "match"),
+    [
+        ("cosine", [1.0], "unknown schedule kind 'cosine'"),
+        ("scaled", [1.0, 0.5], "scaled schedule takes 3 parameters, got 2"),
+        ("exponential", [1.0, 1.0, 1.0, 0.0, 0.5], "iteration must be an integer"),
+        ("exponential", [1.0, -1.0, 1.0, 0.0, 0.0], "gamma must be a finite number >= 0"),
+        ("stepup", [0.1, 2.0, 0.0, 1.0], "step must be >= 1"),
+        ("constant", [float("nan")], "value must be a finite number >= 0"),
+    ],
+)
+def test_schedule_spec_errors_name_the_parameter(
+    kind: str, params: list[float], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        _core.schedule_value(kind, params, 0)
+
+
+def test_torch_cuda_glue_schedule_and_bad_device_lambda(fake_torch_cuda: list, monkeypatch) -> None:
+    recorded: list[tuple] = []
+    monkeypatch.setattr(_core, "cuda_schedule_value_", lambda *a, **k: recorded.append((a, k)))
+    step = torch.tensor(7, dtype=torch.int32)  # converted to the int64 the kernel reads
+    out = _kernels.schedule_lambda_cuda(step, "scaled", [100, 0.5, 0])
+    (args, kw) = recorded[-1]
+    assert args[:2] == ("scaled", [100.0, 0.5, 0.0]) and kw["stream"] == 77
+    assert args[3] == out.data_ptr() and out.dtype == torch.float64 and out.dim() == 0
+    with pytest.raises(ValueError, match="step must be a 0-d tensor"):
+        _kernels.schedule_lambda_cuda(torch.zeros(2, dtype=torch.int64), "scaled", [1, 1, 0])
+    # The forward's flag with the bad-lambda bit set: the sync check names lambda.
+    flag = torch.tensor(_core.cuda_flag_bad_lambda, dtype=torch.int32)
+    y = torch.tensor([0, 1])
+    lam = torch.tensor(-1.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"lambda must be >= 0 \(and not NaN\), got -1.0"):
+        _kernels._report_labels(flag, y, 3, sync=True, lam=lam)
+    # A float lambda goes by value, no device address.
+    _kernels._cuda_forward_(torch.zeros(2, 3), torch.zeros(2, 2), torch.zeros(3, 2), y, 2, 0.5)
+    assert fake_torch_cuda[-1][2]["lam_ptr"] == 0 and fake_torch_cuda[-1][1][5] == 0.5
+
+
+def test_schedule_lambda_fake_follows_the_step_device() -> None:
+    # torch.compile traces with fake tensors: a CUDA step must give a CUDA lambda there too.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        step = torch.zeros((), dtype=torch.int64, device="cuda")
+        lam = torch.ops.lsoftmax.schedule_lambda(step, "scaled", Scaled().params())
+    assert lam.device.type == "cuda" and lam.dtype == torch.float64 and lam.dim() == 0
+
+
+@gpu
+@needs_torch_cuda
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=repr)
+def test_schedule_kernel_matches_cpu(schedule: Schedule) -> None:
+    for it in SCHEDULE_STEPS:
+        step = torch.tensor(it, device="cuda")
+        lam = torch.ops.lsoftmax.schedule_lambda(step, schedule.kind, schedule.params())
+        assert lam.device == step.device and lam.dtype == torch.float64 and lam.dim() == 0
+        # CUDA's pow is within 2 ulp of the host's: not bitwise, far inside the float64 budget.
+        assert lam.item() == pytest.approx(schedule.value(it), rel=1e-14, abs=0.0), it
+
+
+def _module_pair(schedule: Schedule, dtype: torch.dtype = torch.float64):
+    torch.manual_seed(0)
+    cpu = LSoftmaxLinear(8, 5, margin=4, schedule=schedule).to(dtype)
+    return cpu, copy.deepcopy(cpu).cuda()
+
+
+FAST = Exponential(base=100.0, gamma=0.5, power=1.0)  # lambda changes a lot from step to step
+
+
+@gpu
+@needs_torch_cuda
+def test_module_on_cuda_matches_cpu_over_steps() -> None:
+    cpu, dev = _module_pair(FAST)
+    gen = torch.Generator().manual_seed(1)
+    for it in range(5):
+        x = torch.randn(16, 8, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 5, (16,), generator=gen)
+        g = torch.randn(16, 5, generator=gen, dtype=torch.float64)
+        out_c = cpu(x, y)
+        out_d = dev(x.cuda(), y.cuda())
+        out_c.backward(g)
+        out_d.backward(g.cuda())
+        assert int(dev.step) == int(cpu.step) == it + 1
+        assert dev.current_lambda == pytest.approx(cpu.current_lambda, rel=1e-14)
+        assert cpu.current_lambda == pytest.approx(
+            _schedule_closed("exponential", FAST.params(), it)
+        )
+        ref = lsoftmax_reference(x, cpu.weight.detach(), y, 4, FAST.value(it))
+        assert max_rel_err(out_d.detach().cpu(), ref) <= 1e-10
+        assert max_rel_err(out_d.detach().cpu(), out_c.detach()) <= 1e-10
+        assert max_rel_err(dev.weight.grad.cpu(), cpu.weight.grad) <= 1e-10
+
+
+@gpu
+@needs_torch_cuda
+def test_device_lambda_by_address_matches_float_and_rejects_bad_values() -> None:
+    x, w, y = _torch_case(4, torch.float32)
+    lam = torch.tensor(LAM, dtype=torch.float64, device="cuda")
+    by_value = torch.ops.lsoftmax.linear(x, w, y, 4, LAM)
+    by_address = torch.ops.lsoftmax.margin_linear(x, w, y, lam, 4)
+    assert torch.equal(by_address, by_value)  # the same float32 lambda, the same kernel
+    bad = torch.tensor(-1.0, dtype=torch.float64, device="cuda")
+    with pytest.raises(ValueError, match=r"lambda must be >= 0"):
+        torch.ops.lsoftmax.margin_linear(x, w, y, bad, 4)
+    set_label_check("off")  # no flag: the NaN target logits still show it
+    out = torch.ops.lsoftmax.margin_linear(x, w, y, bad, 4)
+    assert torch.isnan(out[torch.arange(len(y)), y.long()]).all()
+
+
+def _module_loss(m: LSoftmaxLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(m(x, y), y)
+
+
+@gpu
+@needs_torch_cuda
+def test_module_training_step_has_no_host_sync() -> None:
+    _, m = _module_pair(FAST, torch.float32)
+    x = torch.randn(32, 8, device="cuda")
+    y = torch.randint(0, 5, (32,), device="cuda")
+    set_label_check("async")  # the "sync" label check is a host sync by design
+    _module_loss(m, x, y).backward()  # warm-up (allocator, workspace sizes)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            _module_loss(m, x, y).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(m.step) == 3
+
+
+@gpu
+@needs_torch_cuda
+def test_module_training_step_captured_in_cuda_graph() -> None:
+    _, m = _module_pair(FAST)  # float64: tight parity with the reference at every replay
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    static_x = torch.randn(64, 8, device="cuda", generator=gen, dtype=torch.float64)
+    static_y = torch.randint(0, 5, (64,), device="cuda", generator=gen)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture, as torch requires
+            m.weight.grad = None
+            _module_loss(m, static_x, static_y).backward()
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    m.weight.grad = None
+    with torch.cuda.graph(graph):
+        static_logits = m(static_x, static_y)
+        F.cross_entropy(static_logits, static_y).backward()
+    assert int(m.step) == 3  # capture records the step's increment, it does not run it
+
+    for replay in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        it = 3 + replay
+        assert int(m.step) == it + 1  # replay advances the step...
+        assert m.current_lambda == pytest.approx(FAST.value(it), rel=1e-14)
+        w = m.weight.detach().cpu().requires_grad_(True)
+        x, y = static_x.cpu(), static_y.cpu()
+        ref = lsoftmax_reference(x, w, y, 4, FAST.value(it))
+        (ref_grad,) = torch.autograd.grad(F.cross_entropy(ref, y), w)
+        stale = lsoftmax_reference(x, w, y, 4, FAST.value(it - 1)).detach()
+        logits = static_logits.detach().cpu()
+        assert max_rel_err(logits, ref.detach()) <= 1e-10  # ...and lambda with it
+        assert max_rel_err(logits, stale) > 1e-3
+        assert max_rel_err(m.weight.grad.cpu(), ref_grad) <= 1e-10
+
+
+@gpu
+@needs_torch_cuda
+def test_module_training_step_under_torch_compile_fullgraph() -> None:
+    from torch.utils._triton import has_triton
+
+    _, eager = _module_pair(FAST, torch.float32)
+    compiled_m = copy.deepcopy(eager)
+    backend = "inductor" if has_triton() else "aot_eager"
+    step_fn = torch.compile(_module_loss, fullgraph=True, backend=backend)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for it in range(3):
+        x = torch.randn(32, 8, device="cuda", generator=gen)
+        y = torch.randint(0, 5, (32,), device="cuda", generator=gen)
+        eager.weight.grad = compiled_m.weight.grad = None
+        loss = _module_loss(eager, x, y)
+        loss.backward()
+        closs = step_fn(compiled_m, x, y)
+        closs.backward()
+        assert int(compiled_m.step) == int(eager.step) == it + 1
+        assert compiled_m.current_lambda == pytest.approx(FAST.value(it), rel=1e-14)
+        assert max_rel_err(closs.detach().cpu(), loss.detach().cpu()) <= 1e-6
+        assert max_rel_err(compiled_m.weight.grad.cpu(), eager.weight.grad.cpu()) <= 1e-6

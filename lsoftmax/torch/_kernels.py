@@ -20,6 +20,12 @@ Settings (re-exported by :mod:`lsoftmax.torch`):
   ``"off"`` passes no flag at all (no extra launches; bad rows keep their plain logits and get no
   margin gradient, unreported). The backward uses the async assert (its labels are the ones the
   forward already checked), or nothing with ``"off"``.
+
+Lambda: a float, or a 0-d tensor. A CUDA tensor stays on the device: the kernels read it when
+they run (no ``.item()``, so a schedule evaluated on the device by ``schedule_lambda_cuda`` feeds
+them without a host sync and the whole step can be captured in a CUDA graph). A negative or NaN
+device lambda is reported through the same flag as a bad label (``ValueError`` with the ``"sync"``
+check, the device assert with ``"async"``) and makes the margin outputs NaN.
 """
 
 from __future__ import annotations
@@ -75,17 +81,23 @@ def _unsupported(t: torch.Tensor) -> None:
     )
 
 
+def _host_lambda(lam: float | torch.Tensor) -> float:
+    return float(lam.item()) if isinstance(lam, torch.Tensor) else lam
+
+
 def margin_forward_(
     logits: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     margin: int,
-    lam: float,
+    lam: float | torch.Tensor,
 ) -> None:
     """``logits`` holds ``x @ weight.T``; rewrites the target logit of every row."""
     if logits.device.type == "cpu":
-        _core.margin_forward_(_np(logits), _np(x), _np(weight), _np(labels), margin, lam)
+        _core.margin_forward_(
+            _np(logits), _np(x), _np(weight), _np(labels), margin, _host_lambda(lam)
+        )
     elif logits.device.type == "cuda":
         _cuda_forward_(logits, x, weight, labels, margin, lam)
     else:
@@ -100,7 +112,7 @@ def margin_backward_(
     grad_x: torch.Tensor,
     grad_weight: torch.Tensor,
     margin: int,
-    lam: float,
+    lam: float | torch.Tensor,
 ) -> None:
     """``grad_x``/``grad_weight`` hold the plain GEMM gradients; adds the margin terms."""
     if grad_logits.device.type == "cpu":
@@ -112,7 +124,7 @@ def margin_backward_(
             _np(grad_x),
             _np(grad_weight),
             margin,
-            lam,
+            _host_lambda(lam),
         )
     elif grad_logits.device.type == "cuda":
         _cuda_backward_(grad_logits, x, weight, labels, grad_x, grad_weight, margin, lam)
@@ -166,10 +178,34 @@ def _bad_label_message(labels: torch.Tensor, num_classes: int) -> str:
     return f"labels[{i}] = {int(host[i])} is out of range [0, {num_classes})"
 
 
-def _report_labels(flag: torch.Tensor, labels: torch.Tensor, num_classes: int, sync: bool) -> None:
+def _device_lambda(
+    lam: float | torch.Tensor, device: torch.device
+) -> tuple[float, torch.Tensor | None]:
+    """(host value, device float64 tensor or None): a CUDA lambda is passed by address."""
+    if not isinstance(lam, torch.Tensor):
+        return lam, None
+    if lam.device.type != "cuda":
+        return float(lam.item()), None
+    if lam.device != device:
+        raise ValueError(f"lam is on {lam.device} but the op runs on {device}")
+    if lam.numel() != 1:
+        raise ValueError(f"lam must be a 0-d tensor, got shape {tuple(lam.shape)}")
+    return 0.0, lam if lam.dtype == torch.float64 else lam.to(torch.float64)
+
+
+def _report_labels(
+    flag: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    sync: bool,
+    lam: torch.Tensor | None = None,
+) -> None:
     mode = _settings["label_check"]
     if sync and mode == "sync" and not torch.cuda.is_current_stream_capturing():
-        if int(flag.item()) != 0:
+        value = int(flag.item())
+        if lam is not None and value & _core.cuda_flag_bad_lambda:
+            raise ValueError(f"lambda must be >= 0 (and not NaN), got {float(lam.item())}")
+        if value != 0:
             raise ValueError(_bad_label_message(labels, num_classes))
         return
     torch._assert_async(flag == 0)
@@ -181,9 +217,10 @@ def _cuda_forward_(
     weight: torch.Tensor,
     labels: torch.Tensor,
     margin: int,
-    lam: float,
+    lam: float | torch.Tensor,
 ) -> None:
     _same_device(logits, x=x, weight=weight, labels=labels)
+    lam_value, lam_dev = _device_lambda(lam, logits.device)
     check = _settings["label_check"] != "off"
     with torch.cuda.device(logits.device):
         flag = torch.zeros((), dtype=torch.int32, device=logits.device) if check else None
@@ -193,13 +230,14 @@ def _cuda_forward_(
             _mat("weight", weight),
             _vec(labels),
             margin,
-            lam,
+            lam_value,
             error_flag=flag.data_ptr() if flag is not None else 0,
             stream=torch.cuda.current_stream(logits.device).cuda_stream,
             check_labels=check,
+            lam_ptr=lam_dev.data_ptr() if lam_dev is not None else 0,
         )
         if flag is not None:
-            _report_labels(flag, labels, weight.shape[0], sync=True)
+            _report_labels(flag, labels, weight.shape[0], sync=True, lam=lam_dev)
 
 
 def _cuda_backward_(
@@ -210,11 +248,12 @@ def _cuda_backward_(
     grad_x: torch.Tensor,
     grad_weight: torch.Tensor,
     margin: int,
-    lam: float,
+    lam: float | torch.Tensor,
 ) -> None:
     dev = grad_logits.device
     _same_device(grad_logits, x=x, weight=weight, labels=labels, grad_x=grad_x)
     _same_device(grad_logits, grad_weight=grad_weight)
+    lam_value, lam_dev = _device_lambda(lam, dev)
     deterministic = deterministic_enabled()
     with torch.cuda.device(dev):
         n, c = grad_logits.shape
@@ -232,13 +271,33 @@ def _cuda_backward_(
             _mat("grad_x", grad_x),
             _mat("grad_weight", grad_weight),
             margin,
-            lam,
+            lam_value,
             deterministic=deterministic,
             workspace=workspace.data_ptr() if workspace is not None else 0,
             workspace_bytes=nbytes,
             error_flag=flag.data_ptr() if flag is not None else 0,
             stream=torch.cuda.current_stream(dev).cuda_stream,
             check_labels=check,
+            lam_ptr=lam_dev.data_ptr() if lam_dev is not None else 0,
         )
         if flag is not None:
             _report_labels(flag, labels, c, sync=False)
+
+
+def schedule_lambda_cuda(step: torch.Tensor, kind: str, params: list[float]) -> torch.Tensor:
+    """A schedule's value at a CUDA step counter, as a 0-d float64 tensor on the same device,
+    computed there by the core (one thread on torch's current stream: no host sync)."""
+    if step.numel() != 1:
+        raise ValueError(f"step must be a 0-d tensor, got shape {tuple(step.shape)}")
+    if step.dtype != torch.int64:  # the CPU path's int(step.item()) truncates the same way
+        step = step.to(torch.int64)
+    with torch.cuda.device(step.device):
+        out = torch.empty((), dtype=torch.float64, device=step.device)
+        _core.cuda_schedule_value_(
+            kind,
+            [float(p) for p in params],
+            step.data_ptr(),
+            out.data_ptr(),
+            stream=torch.cuda.current_stream(step.device).cuda_stream,
+        )
+    return out

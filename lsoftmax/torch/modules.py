@@ -57,7 +57,11 @@ class LSoftmaxLinear(nn.Module):
 
     @property
     def current_lambda(self) -> float:
-        """Lambda of the latest training forward (before any: the one the first will use)."""
+        """Lambda of the latest training forward (before any: the one the first will use).
+
+        Reads the step counter on the host (a sync when the module is on a GPU): for progress
+        bars and logs. The training forward itself evaluates lambda where the step lives.
+        """
         return self.schedule.value(max(int(self.step) - 1, 0))
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:

@@ -6,6 +6,11 @@
   0-d float64 tensor, so a schedule can change it every step without recompiling.
 - ``lsoftmax::linear_backward``: the backward of both (GEMMs by torch, margin terms by the core).
 - ``lsoftmax::schedule_lambda(step, kind, params)``: a schedule's value at a step tensor.
+
+On CUDA no op reads a value back to the host: ``schedule_lambda`` evaluates the schedule on the
+device (a 0-d float64 tensor on the step's device) and ``margin_linear`` / ``linear_backward``
+hand a CUDA ``lam`` to the kernels by address, so a training step of ``LSoftmaxLinear`` on the GPU
+has no host sync from lambda and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -29,7 +34,17 @@ def _check_pair(x: Tensor, weight: Tensor) -> None:
     check_inputs(x, weight, None)
 
 
-def _forward(x: Tensor, weight: Tensor, labels: Tensor | None, margin: int, lam: float) -> Tensor:
+def _lam_arg(lam: Tensor, x: Tensor) -> float | Tensor:
+    # A CUDA lambda for CUDA inputs stays on the device (the kernels read it there); any other
+    # combination is read on the host, as before.
+    if lam.device.type == "cuda" and x.device.type == "cuda":
+        return lam
+    return lam.item()
+
+
+def _forward(
+    x: Tensor, weight: Tensor, labels: Tensor | None, margin: int, lam: float | Tensor
+) -> Tensor:
     _check_pair(x, weight)
     logits = torch.mm(x, weight.t())
     if labels is not None:
@@ -49,7 +64,9 @@ def linear_backward(
     grad = grad.contiguous()
     grad_x = torch.mm(grad, weight)
     grad_weight = torch.mm(grad.t(), x)
-    _kernels.margin_backward_(grad, x, weight, labels, grad_x, grad_weight, margin, lam.item())
+    _kernels.margin_backward_(
+        grad, x, weight, labels, grad_x, grad_weight, margin, _lam_arg(lam, grad)
+    )
     return grad_x, grad_weight
 
 
@@ -111,7 +128,7 @@ linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 def margin_linear(x: Tensor, weight: Tensor, labels: Tensor, lam: Tensor, margin: int) -> Tensor:
     if lam.numel() != 1:
         raise ValueError(f"lam must be a 0-d tensor, got shape {tuple(lam.shape)}")
-    return _forward(x, weight, labels, margin, lam.item())
+    return _forward(x, weight, labels, margin, _lam_arg(lam, x))
 
 
 @margin_linear.register_fake
@@ -139,6 +156,8 @@ margin_linear.register_autograd(_margin_backward, setup_context=_margin_setup)
 
 @torch.library.custom_op("lsoftmax::schedule_lambda", mutates_args=())
 def schedule_lambda(step: Tensor, kind: str, params: list[float]) -> Tensor:
+    if step.device.type == "cuda":
+        return _kernels.schedule_lambda_cuda(step, kind, params)
     it = int(step.item())
     if kind == "exponential":
         base, gamma, power, lambda_min, iteration = params
@@ -148,6 +167,9 @@ def schedule_lambda(step: Tensor, kind: str, params: list[float]) -> Tensor:
         value = _core.scaled_lambda(beta, scale, beta_min, it)
     elif kind == "constant":
         (value,) = params
+    elif kind == "stepup":
+        start, gamma, every, max_value = params
+        value = _core.stepup_value(start, gamma, int(every), max_value, it)
     else:
         raise ValueError(f"unknown schedule kind {kind!r}")
     return torch.tensor(value, dtype=torch.float64)
@@ -155,4 +177,4 @@ def schedule_lambda(step: Tensor, kind: str, params: list[float]) -> Tensor:
 
 @schedule_lambda.register_fake
 def _(step: Tensor, kind: str, params: list[float]) -> Tensor:
-    return torch.empty((), dtype=torch.float64)
+    return torch.empty((), dtype=torch.float64, device=step.device)

@@ -44,16 +44,29 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-__device__ __forceinline__ void raise_flag(int32_t* flag) {
-  if (flag != nullptr) atomicExch(flag, 1);
+__device__ __forceinline__ void raise_flag(int32_t* flag, int32_t bit = kFlagBadLabel) {
+  if (flag != nullptr) atomicOr(flag, bit);
+}
+
+// Lambda for this launch: the host value, or the device one (read once per thread; every thread
+// reads the same address, which the cache serves). A bad device value cannot be refused before
+// the launch, so it is flagged (once per launch) and turned into NaN: the outputs then show it.
+template <typename A>
+__device__ __forceinline__ A lambda_of(A by_value, const double* device_lambda, int32_t* flag) {
+  if (device_lambda == nullptr) return by_value;
+  const double v = *device_lambda;
+  if (v >= 0.0) return static_cast<A>(v);  // as the host casts a by-value lambda
+  if (blockIdx.x == 0 && threadIdx.x == 0) raise_flag(flag, kFlagBadLambda);
+  return static_cast<A>(nan(""));
 }
 
 template <typename T, typename L>
 __global__ void __launch_bounds__(kRowThreads)
     forward_rows(Mat<T> logits, Mat<const T> x, Mat<const T> w, const L* labels,
-                 int64_t label_stride, int64_t n, int64_t c, int64_t d, int m, Acc<T> lam,
-                 int32_t* flag) {
+                 int64_t label_stride, int64_t n, int64_t c, int64_t d, int m, Acc<T> lam_value,
+                 const double* device_lambda, int32_t* flag) {
   using A = Acc<T>;
+  const A lam = lambda_of(lam_value, device_lambda, flag);
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; i < n;
@@ -87,9 +100,11 @@ template <typename T, typename L, bool kAtomic>
 __global__ void __launch_bounds__(kRowThreads)
     backward_rows(Mat<const T> grad, Mat<const T> x, Mat<const T> w, const L* labels,
                   int64_t label_stride, Mat<T> grad_x, Mat<T> grad_w, int64_t n, int64_t c,
-                  int64_t d, int m, Acc<T> lam, int32_t* flag, uint32_t* keys, int32_t* rows,
-                  Acc<T>* delta_out, Acc<T>* coef_w_out) {
+                  int64_t d, int m, Acc<T> lam_value, const double* device_lambda,
+                  int32_t* flag, uint32_t* keys, int32_t* rows, Acc<T>* delta_out,
+                  Acc<T>* coef_w_out) {
   using A = Acc<T>;
+  const A lam = lambda_of(lam_value, device_lambda, flag);
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; i < n;
@@ -321,7 +336,8 @@ Status check_backward_args(const DeviceMatrix& grad_logits, const DeviceMatrix& 
 
 Status margin_forward(const DeviceMatrix& logits, const DeviceMatrix& x, const DeviceMatrix& w,
                       const DeviceLabels& labels, int64_t margin, double lambda,
-                      int32_t* error_flag, void* stream) {
+                      int32_t* error_flag, void* stream, const double* device_lambda) {
+  if (device_lambda != nullptr) lambda = 0.0;  // read on the device; checked there
   Status s = check_forward_args(logits, x, w, labels, margin, lambda);
   if (!s.ok()) return s;
   const int64_t n = x.rows;
@@ -333,7 +349,7 @@ Status margin_forward(const DeviceMatrix& logits, const DeviceMatrix& x, const D
     forward_rows<T, L><<<grid_rows(n), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         mat<T>(logits), mat<const T>(x), mat<const T>(w), static_cast<const L*>(labels.data),
         labels.stride, n, w.rows, x.cols, static_cast<int>(margin), static_cast<Acc<T>>(lambda),
-        error_flag);
+        device_lambda, error_flag);
     return detail::launch_status("lsoftmax forward kernel launch");
   });
 }
@@ -342,7 +358,9 @@ Status margin_backward(const DeviceMatrix& grad_logits, const DeviceMatrix& x,
                        const DeviceMatrix& w, const DeviceLabels& labels,
                        const DeviceMatrix& grad_x, const DeviceMatrix& grad_w, int64_t margin,
                        double lambda, bool deterministic, void* workspace,
-                       size_t workspace_bytes, int32_t* error_flag, void* stream) {
+                       size_t workspace_bytes, int32_t* error_flag, void* stream,
+                       const double* device_lambda) {
+  if (device_lambda != nullptr) lambda = 0.0;  // read on the device; checked there
   Status s = check_backward_args(grad_logits, x, w, labels, grad_x, grad_w, margin, lambda);
   if (!s.ok()) return s;
   const int64_t n = x.rows, c = w.rows, d = x.cols;
@@ -381,16 +399,16 @@ Status margin_backward(const DeviceMatrix& grad_logits, const DeviceMatrix& x,
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
         backward_rows<T, L, true><<<grid_rows(n), kRowThreads, 0, cu_stream>>>(
             mat<const T>(grad_logits), mat<const T>(x), mat<const T>(w), lab, labels.stride,
-            mat<T>(grad_x), mat<T>(grad_w), n, c, d, m, lam, error_flag, nullptr, nullptr,
-            nullptr, nullptr);
+            mat<T>(grad_x), mat<T>(grad_w), n, c, d, m, lam, device_lambda, error_flag, nullptr,
+            nullptr, nullptr, nullptr);
         return detail::launch_status("lsoftmax backward kernel launch");
       } else {
         // Only reached with margin == 1 (no scatter at all): the rows kernel then only checks
         // the labels, so the segmented instantiation serves with no buffers.
         backward_rows<T, L, false><<<grid_rows(n), kRowThreads, 0, cu_stream>>>(
             mat<const T>(grad_logits), mat<const T>(x), mat<const T>(w), lab, labels.stride,
-            mat<T>(grad_x), mat<T>(grad_w), n, c, d, m, lam, error_flag, nullptr, nullptr,
-            nullptr, nullptr);
+            mat<T>(grad_x), mat<T>(grad_w), n, c, d, m, lam, device_lambda, error_flag, nullptr,
+            nullptr, nullptr, nullptr);
         return detail::launch_status("lsoftmax backward kernel launch");
       }
     }
@@ -399,8 +417,8 @@ Status margin_backward(const DeviceMatrix& grad_logits, const DeviceMatrix& x,
     auto* coef_w = static_cast<A*>(ws.coef_w);
     backward_rows<T, L, false><<<grid_rows(n), kRowThreads, 0, cu_stream>>>(
         mat<const T>(grad_logits), mat<const T>(x), mat<const T>(w), lab, labels.stride,
-        mat<T>(grad_x), mat<T>(grad_w), n, c, d, m, lam, error_flag, ws.keys_in, ws.rows_in,
-        delta, coef_w);
+        mat<T>(grad_x), mat<T>(grad_w), n, c, d, m, lam, device_lambda, error_flag, ws.keys_in,
+        ws.rows_in, delta, coef_w);
     Status st = detail::launch_status("lsoftmax backward kernel launch");
     if (!st.ok()) return st;
     size_t bytes = ws.sort_bytes;

@@ -17,9 +17,8 @@
 #include "array_views.h"
 #include "bindings.h"
 #include "lsoftmax/lsoftmax.h"
-#ifdef LSOFTMAX_WITH_CUDA
-#include "lsoftmax/lsoftmax_cuda.h"
-#endif
+#include "lsoftmax/lsoftmax_cuda.h"  // declarations only: the launchers exist with CUDA
+#include "lsoftmax/schedules.h"
 
 namespace py = pybind11;
 
@@ -28,6 +27,12 @@ namespace {
 
 using MatrixSpec = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t, std::string>;
 using LabelSpec = std::tuple<uintptr_t, int64_t, int64_t, std::string>;
+
+ScheduleSpec schedule_of(const std::string& kind, const std::vector<double>& params) {
+  ScheduleSpec spec;
+  raise_if_error(make_schedule(kind.c_str(), params.data(), params.size(), &spec));
+  return spec;
+}
 
 int64_t margin_arg(const py::handle& margin) {
   if (PyBool_Check(margin.ptr()) || !PyLong_Check(margin.ptr())) {
@@ -127,20 +132,25 @@ void with_label_check(bool check, uintptr_t caller_flag, const cuda::DeviceLabel
     }
   }
   raise_if_error(s);
+  if (flag_value & cuda::kFlagBadLambda) {
+    throw py::value_error("lambda must be >= 0 (and not NaN); the device value read is not");
+  }
   if (flag_value != 0) throw py::value_error(bad_label_message(labels, classes, stream));
 }
 
 void forward_py(const MatrixSpec& logits, const MatrixSpec& x, const MatrixSpec& w,
                 const LabelSpec& labels, const py::object& margin_obj, double lam,
-                uintptr_t error_flag, uintptr_t stream, bool check_labels) {
+                uintptr_t error_flag, uintptr_t stream, bool check_labels, uintptr_t lam_ptr) {
   const int64_t margin = margin_arg(margin_obj);
   const auto lv = matrix("logits", logits);
   const auto xv = matrix("x", x), wv = matrix("weight", w);
   const auto yv = labels_of(labels);
+  const auto* dev_lam = reinterpret_cast<const double*>(lam_ptr);
+  if (dev_lam != nullptr) lam = 0.0;  // the device value is the one used
   raise_if_error(cuda::check_forward_args(lv, xv, wv, yv, margin, lam));
   void* st = stream_of(stream);
   with_label_check(check_labels, error_flag, yv, wv.rows, st, [&](int32_t* flag) {
-    return cuda::margin_forward(lv, xv, wv, yv, margin, lam, flag, st);
+    return cuda::margin_forward(lv, xv, wv, yv, margin, lam, flag, st, dev_lam);
   });
 }
 
@@ -148,11 +158,13 @@ void backward_py(const MatrixSpec& grad, const MatrixSpec& x, const MatrixSpec& 
                  const LabelSpec& labels, const MatrixSpec& grad_x, const MatrixSpec& grad_w,
                  const py::object& margin_obj, double lam, bool deterministic, uintptr_t workspace,
                  size_t workspace_bytes, uintptr_t error_flag, uintptr_t stream,
-                 bool check_labels) {
+                 bool check_labels, uintptr_t lam_ptr) {
   const int64_t margin = margin_arg(margin_obj);
   const auto gv = matrix("grad_logits", grad), xv = matrix("x", x), wv = matrix("weight", w);
   const auto gxv = matrix("grad_x", grad_x), gwv = matrix("grad_weight", grad_w);
   const auto yv = labels_of(labels);
+  const auto* dev_lam = reinterpret_cast<const double*>(lam_ptr);
+  if (dev_lam != nullptr) lam = 0.0;  // the device value is the one used
   raise_if_error(cuda::check_backward_args(gv, xv, wv, yv, gxv, gwv, margin, lam));
   void* st = stream_of(stream);
   // Without a caller workspace the segmented path borrows stream-ordered scratch memory.
@@ -169,13 +181,25 @@ void backward_py(const MatrixSpec& grad, const MatrixSpec& x, const MatrixSpec& 
   try {
     with_label_check(check_labels, error_flag, yv, wv.rows, st, [&](int32_t* flag) {
       return cuda::margin_backward(gv, xv, wv, yv, gxv, gwv, margin, lam, deterministic, ws,
-                                   ws_bytes, flag, st);
+                                   ws_bytes, flag, st, dev_lam);
     });
   } catch (...) {
     (void)cuda::scratch_free(st, owned);
     throw;
   }
   raise_if_error(cuda::scratch_free(st, owned));
+}
+
+void schedule_py(const std::string& kind, const std::vector<double>& params, uintptr_t step,
+                 uintptr_t out, uintptr_t stream) {
+  const ScheduleSpec spec = schedule_of(kind, params);
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = cuda::evaluate_schedule(spec, reinterpret_cast<const int64_t*>(step),
+                                reinterpret_cast<double*>(out), stream_of(stream));
+  }
+  raise_if_error(s);
 }
 
 size_t workspace_size_py(int64_t n, int64_t num_classes, const std::string& dtype,
@@ -230,18 +254,23 @@ void memcpy_py(uintptr_t dst, uintptr_t src, size_t bytes) {
 }
 
 void forward_py(const MatrixSpec&, const MatrixSpec&, const MatrixSpec&, const LabelSpec&,
-                const py::object& margin_obj, double, uintptr_t, uintptr_t, bool) {
+                const py::object& margin_obj, double, uintptr_t, uintptr_t, bool, uintptr_t) {
   (void)margin_arg(margin_obj);
   no_cuda();
 }
 
 void backward_py(const MatrixSpec&, const MatrixSpec&, const MatrixSpec&, const LabelSpec&,
                  const MatrixSpec&, const MatrixSpec&, const py::object& margin_obj, double, bool,
-                 uintptr_t, size_t, uintptr_t, uintptr_t, bool) {
+                 uintptr_t, size_t, uintptr_t, uintptr_t, bool, uintptr_t) {
   (void)margin_arg(margin_obj);
   no_cuda();
 }
 
+void schedule_py(const std::string& kind, const std::vector<double>& params, uintptr_t,
+                 uintptr_t, uintptr_t) {
+  (void)schedule_of(kind, params);
+  no_cuda();
+}
 size_t workspace_size_py(int64_t, int64_t, const std::string&, bool) { no_cuda(); }
 uintptr_t malloc_py(size_t) { no_cuda(); }
 void free_py(uintptr_t) { no_cuda(); }
@@ -279,19 +308,35 @@ void bind_cuda(py::module_& m) {
 
   m.def("cuda_margin_forward_", &forward_py, py::arg("logits"), py::arg("x"), py::arg("weight"),
         py::arg("labels"), py::arg("margin"), py::arg("lam"), py::arg("error_flag") = 0,
-        py::arg("stream") = 0, py::arg("check_labels") = true,
+        py::arg("stream") = 0, py::arg("check_labels") = true, py::arg("lam_ptr") = 0,
         "In place on the device: logits holds x @ weight.T; rewrites each row's target logit. "
         "Matrices are (ptr, rows, cols, row_stride, col_stride, dtype); labels (ptr, size, "
         "stride, dtype). error_flag = 0 checks the labels synchronously (ValueError); a device "
         "int32 pointer instead receives 1 on a bad label, with no sync; check_labels=False passes "
-        "no flag (bad rows are skipped, unreported).");
+        "no flag (bad rows are skipped, unreported). lam_ptr: the address of a device float64 "
+        "lambda to use instead of lam (read by the kernel: no sync); a negative or NaN value there "
+        "sets bit cuda_flag_bad_lambda of the flag and makes the margin logits NaN.");
   m.def("cuda_margin_backward_", &backward_py, py::arg("grad_logits"), py::arg("x"),
         py::arg("weight"), py::arg("labels"), py::arg("grad_x"), py::arg("grad_weight"),
         py::arg("margin"), py::arg("lam"), py::arg("deterministic") = false,
         py::arg("workspace") = 0, py::arg("workspace_bytes") = 0, py::arg("error_flag") = 0,
-        py::arg("stream") = 0, py::arg("check_labels") = true,
+        py::arg("stream") = 0, py::arg("check_labels") = true, py::arg("lam_ptr") = 0,
         "In place on the device: grad_x holds grad_logits @ weight, grad_weight holds "
-        "grad_logits.T @ x; adds the margin terms.");
+        "grad_logits.T @ x; adds the margin terms. lam_ptr as for cuda_margin_forward_.");
+  m.def("cuda_schedule_value_", &schedule_py, py::arg("kind"), py::arg("params"),
+        py::arg("step"), py::arg("out"), py::arg("stream") = 0,
+        "On the device, no sync: *out (a device float64) = the schedule's value at *step (a "
+        "device int64). kind and params as lsoftmax.schedules.Schedule.kind / .params(); they "
+        "are validated (ValueError) before the launch.");
+  m.def(
+      "schedule_value",
+      [](const std::string& kind, const std::vector<double>& params, int64_t it) {
+        return lsoftmax::schedule_value(schedule_of(kind, params), it);
+      },
+      py::arg("kind"), py::arg("params"), py::arg("it"),
+      "The schedule's value at step it, on the host, through the same spec and formulas the "
+      "CUDA schedule kernel evaluates (cuda_schedule_value_).");
+  m.attr("cuda_flag_bad_lambda") = cuda::kFlagBadLambda;
   m.def("cuda_malloc", &malloc_py, py::arg("nbytes"),
         "A zeroed device buffer (synchronous); returns its address. Free with cuda_free.");
   m.def("cuda_free", &free_py, py::arg("ptr"));

@@ -1,6 +1,5 @@
 #include "lsoftmax/schedules.h"
 
-#include <algorithm>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -16,16 +15,31 @@ Status must_be_nonneg(const char* name, double v) {
                                  std::to_string(v));
 }
 
+Status integral_param(const char* name, double v, int64_t* out) {
+  // 2^62 keeps the conversion defined and far from any step count a run reaches.
+  if (!(std::isfinite(v) && v == std::floor(v) && std::fabs(v) <= 4.611686018427387904e18)) {
+    return Status::InvalidArgument(std::string(name) + " must be an integer, got " +
+                                   std::to_string(v));
+  }
+  *out = static_cast<int64_t>(v);
+  return Status::Ok();
+}
+
+Status param_count(const std::string& kind, size_t count, size_t expected) {
+  if (count == expected) return Status::Ok();
+  return Status::InvalidArgument("a " + kind + " schedule takes " + std::to_string(expected) +
+                                 " parameters, got " + std::to_string(count));
+}
+
 }  // namespace
 
 double exponential_lambda(double base, double gamma, double power, double lambda_min,
                           int64_t iteration, int64_t it) {
-  const double iter = static_cast<double>(iteration) + static_cast<double>(it) + 1.0;
-  return std::max(lambda_min, base * std::pow(1.0 + gamma * iter, -power));
+  return schedule_math::exponential(base, gamma, power, lambda_min, iteration, it);
 }
 
 double scaled_lambda(double beta, double scale, double beta_min, int64_t it) {
-  return std::max(beta_min, beta * std::pow(scale, static_cast<double>(it)));
+  return schedule_math::scaled(beta, scale, beta_min, it);
 }
 
 Status validate_exponential(double base, double gamma, double power, double lambda_min,
@@ -56,8 +70,7 @@ Status validate_scaled(double beta, double scale, double beta_min) {
 Status validate_constant(double value) { return must_be_nonneg("value", value); }
 
 double stepup_value(double value, double gamma, int64_t step, double max_value, int64_t it) {
-  const double times = static_cast<double>(it / step);
-  return std::min(max_value, value * std::pow(gamma, times));
+  return schedule_math::stepup(value, gamma, step, max_value, it);
 }
 
 Status validate_stepup(double value, double gamma, int64_t step, double max_value) {
@@ -69,6 +82,61 @@ Status validate_stepup(double value, double gamma, int64_t step, double max_valu
   }
   if (step < 1) return Status::InvalidArgument("step must be >= 1, got " + std::to_string(step));
   return Status::Ok();
+}
+
+Status validate_schedule(const ScheduleSpec& s) {
+  switch (s.kind) {
+    case ScheduleKind::kConstant:
+      return validate_constant(s.p[0]);
+    case ScheduleKind::kExponential:
+      return validate_exponential(s.p[0], s.p[1], s.p[2], s.p[3], s.n);
+    case ScheduleKind::kScaled:
+      return validate_scaled(s.p[0], s.p[1], s.p[2]);
+    case ScheduleKind::kStepUp:
+      return validate_stepup(s.p[0], s.p[1], s.n, s.p[2]);
+  }
+  return Status::InvalidArgument("unknown schedule kind code " +
+                                 std::to_string(static_cast<int>(s.kind)));
+}
+
+Status make_schedule(const char* kind, const double* params, size_t count, ScheduleSpec* out) {
+  const std::string k = kind != nullptr ? kind : "";
+  ScheduleSpec spec;
+  Status s;
+  if (k == "constant") {
+    spec.kind = ScheduleKind::kConstant;
+    s = param_count(k, count, 1);
+    if (s.ok()) spec.p[0] = params[0];
+  } else if (k == "exponential") {
+    spec.kind = ScheduleKind::kExponential;
+    s = param_count(k, count, 5);
+    if (s.ok()) s = integral_param("iteration", params[4], &spec.n);
+    if (s.ok()) {
+      for (int j = 0; j < 4; ++j) spec.p[j] = params[j];
+    }
+  } else if (k == "scaled") {
+    spec.kind = ScheduleKind::kScaled;
+    s = param_count(k, count, 3);
+    if (s.ok()) {
+      for (int j = 0; j < 3; ++j) spec.p[j] = params[j];
+    }
+  } else if (k == "stepup") {
+    spec.kind = ScheduleKind::kStepUp;
+    s = param_count(k, count, 4);
+    if (s.ok()) s = integral_param("step", params[2], &spec.n);
+    if (s.ok()) {
+      spec.p[0] = params[0];
+      spec.p[1] = params[1];
+      spec.p[2] = params[3];
+    }
+  } else {
+    return Status::InvalidArgument(
+        "unknown schedule kind '" + k +
+        "'; expected one of 'constant', 'exponential', 'scaled', 'stepup'");
+  }
+  if (s.ok()) s = validate_schedule(spec);
+  if (s.ok()) *out = spec;
+  return s;
 }
 
 }  // namespace lsoftmax

@@ -11,9 +11,14 @@
 //     anything is launched; CUDA failures (no driver, no device, launch errors) come back as
 //     RuntimeError with the CUDA error name — never an abort;
 //   - labels are checked on the device: a row whose label is outside [0, C) is left untouched
-//     and sets *error_flag = 1 (a caller-owned device int32, zeroed by the caller; may be null
-//     when the caller has validated the labels itself). Reading the flag is the caller's choice
-//     of when to pay for a host sync.
+//     and sets kFlagBadLabel in *error_flag (a caller-owned device int32, zeroed by the caller;
+//     may be null when the caller has validated the labels itself). Reading the flag is the
+//     caller's choice of when to pay for a host sync.
+//   - lambda is a host value, or (device_lambda not null) a device double read when the kernel
+//     runs, so that a schedule evaluated on the device (evaluate_schedule) feeds the margin
+//     kernels without a host sync. A device lambda that is negative or NaN cannot be refused
+//     before the launch: it sets kFlagBadLambda in *error_flag and makes the margin logits and
+//     gradients NaN, so it never passes silently.
 //
 // Dtypes: float32, float64, float16 and bfloat16 matrices; all the matrices of one call share
 // one dtype (logits and gradients are in the input dtype, as torch keeps them). The per-row math
@@ -24,9 +29,14 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "lsoftmax/schedule_math.h"
 #include "lsoftmax/status.h"
 
 namespace lsoftmax::cuda {
+
+// Bits of *error_flag.
+constexpr int32_t kFlagBadLabel = 1;
+constexpr int32_t kFlagBadLambda = 2;
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 enum class LabelType : int { kInt32 = 0, kInt64 = 1 };
@@ -58,9 +68,10 @@ Status device_status();
 
 // logits (N x C) holds x W^T on entry; on return logits[i, labels[i]] is the margin logit.
 // One warp per row: the norms of x_i and w_{y_i} are warp-reduced, lane 0 rewrites the logit.
+// With device_lambda, `lambda` is not used (nor checked).
 Status margin_forward(const DeviceMatrix& logits, const DeviceMatrix& x, const DeviceMatrix& w,
                       const DeviceLabels& labels, int64_t margin, double lambda,
-                      int32_t* error_flag, void* stream);
+                      int32_t* error_flag, void* stream, const double* device_lambda = nullptr);
 
 // grad_x (N x D) holds G W and grad_w (C x D) holds G^T x on entry; the margin terms are added
 // (only G[i, y_i] is read). grad_w rows that several samples share are summed either
@@ -75,7 +86,14 @@ Status margin_backward(const DeviceMatrix& grad_logits, const DeviceMatrix& x,
                        const DeviceMatrix& w, const DeviceLabels& labels,
                        const DeviceMatrix& grad_x, const DeviceMatrix& grad_w, int64_t margin,
                        double lambda, bool deterministic, void* workspace,
-                       size_t workspace_bytes, int32_t* error_flag, void* stream);
+                       size_t workspace_bytes, int32_t* error_flag, void* stream,
+                       const double* device_lambda = nullptr);
+
+// *out = schedule_value(spec, *step): a schedule's value at a device int64 step counter, written
+// to a device double, by one thread on `stream` (no sync). The spec is validated first
+// (validate_schedule in schedules.h: InvalidArgument, nothing launched).
+Status evaluate_schedule(const ScheduleSpec& spec, const int64_t* step, double* out,
+                         void* stream);
 
 // The host-side checks the launchers start with (margin, lambda, shapes, dtypes, strides), for
 // adapters that want to fail before doing anything else on the device.

@@ -3,6 +3,9 @@
 
 #include <cstdint>
 
+#include <cstddef>
+
+#include "lsoftmax/schedule_math.h"
 #include "lsoftmax/status.h"
 
 namespace lsoftmax {
@@ -23,5 +26,13 @@ Status validate_constant(double value);
 // gamma once every `step` steps, capped at max_value: min(max_value, value * gamma^floor(it/step)).
 double stepup_value(double value, double gamma, int64_t step, double max_value, int64_t it);
 Status validate_stepup(double value, double gamma, int64_t step, double max_value);
+
+// The checks of the validate_* function of the spec's kind.
+Status validate_schedule(const ScheduleSpec& spec);
+
+// A schedule from its kind name ("constant", "exponential", "scaled", "stepup") and its
+// parameters as a flat list in the order of the functions above (iteration and step as
+// integral doubles), as lsoftmax.schedules.Schedule.params() gives them; validated like them.
+Status make_schedule(const char* kind, const double* params, size_t count, ScheduleSpec* out);
 
 }  // namespace lsoftmax
