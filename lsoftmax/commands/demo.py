@@ -91,10 +91,17 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         threads=args.threads,
     )
     cfg.milestones = sorted({m for m in cfg.milestones if m >= 1})
+    name = "softmax" if args.margin == 1 else f"L-Softmax (m={args.margin})"
+    print(
+        f"training an MLP with {name} on 8x8 digits: {len(ds.y_train)} train / "
+        f"{len(ds.y_test)} test images, {cfg.epochs} epochs",
+        flush=True,
+    )
     result = train(
         cfg,
         out / "run",
         progress=False if args.no_progress else None,
+        log=None,
         dataset=ds,
     )
     model = result["model"].eval()
@@ -117,9 +124,8 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     max_diff = float(np.abs(torch_logits.astype(np.float64) - ort_logits).max())
     scale = float(np.abs(torch_logits).max())
 
-    name = "softmax" if args.margin == 1 else f"L-Softmax (m={args.margin})"
     print()
-    print(f"digits 8x8, {len(y)} test images, {name}, {cfg.epochs} epochs")
+    print(f"exported to ONNX ({onnx_path.name}) and ran it in ONNX Runtime with the lsoftmax ops")
     print(f"{'':<22}{'PyTorch':>10}{'ONNX Runtime':>15}")
     print(f"{'test accuracy':<22}{acc_torch:>10.4f}{acc_ort:>15.4f}")
     print(f"max |logit difference|: {max_diff:.3g} (logits up to {scale:.3g})")
