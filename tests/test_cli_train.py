@@ -151,3 +151,13 @@ def test_subprocess_train_and_bad_dataset(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert "dataset-fashion-mnist" in bad.stderr
+
+
+def test_lgm_guard_when_head_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lsoftmax.models
+
+    monkeypatch.setattr(lsoftmax.models, "lgm_available", lambda: False)
+    assert main(["train", *TINY, "--loss", "lgm", "--out", str(tmp_path)]) == 2
+    assert "needs lsoftmax.torch.LGMLoss" in capsys.readouterr().err
