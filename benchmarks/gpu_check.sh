@@ -82,6 +82,7 @@ run_tests() {  # name, log, pytest args...
 echo "== GPU tests"
 run_tests "tests: CUDA kernels/torch" "$log_dir/test_cuda.txt" tests/test_cuda.py
 run_tests "tests: ORT CUDA EP" "$log_dir/test_ort_cuda.txt" tests/test_ort_cuda.py
+run_tests "tests: L-GM CUDA" "$log_dir/test_lgm_cuda.txt" tests/test_lgm_cuda.py
 run_tests "tests: all gpu-marked" "$log_dir/test_gpu_marked.txt" -m gpu tests
 run_tests "tests: full suite" "$log_dir/test_all.txt" tests
 

@@ -97,14 +97,12 @@ def _run_op(
 @KINDS
 @pytest.mark.parametrize("with_labels", [True, False], ids=["labels", "nolabels"])
 @pytest.mark.parametrize("logdet", [True, False], ids=["logdet", "nologdet"])
-@pytest.mark.parametrize("center", [0.0, 300.0], ids=["origin", "far"])
+@pytest.mark.parametrize("center", [0.0, 1e4], ids=["origin", "far"])
 def test_cuda_matches_cpu_core_and_reference(
     dtype: torch.dtype, isotropic: bool, with_labels: bool, logdet: bool, center: float
 ) -> None:
-    # Far from the origin with tight classes, the expansion cancels and the direct fallback runs.
-    x, means, log_var, labels = _case(
-        isotropic, dtype, n=40, c=7, d=9, center=center, spread=1.0 if center == 0 else 0.05
-    )
+    # Far from the origin the expansion cancels, and the direct fallback has to run.
+    x, means, log_var, labels = _case(isotropic, dtype, n=40, c=7, d=9, center=center, spread=3.0)
     y = labels if with_labels else None
     gen = torch.Generator().manual_seed(3)
     gz = torch.randn(40, 7, generator=gen, dtype=torch.float64).to(dtype)
