@@ -245,7 +245,7 @@ def test_training_forward_is_refused_by_the_exporter(tmp_path) -> None:
         def forward(self, feat: Tensor, target: Tensor) -> Tensor:
             return self.lgm(feat, target)[1]
 
-    with pytest.raises(TrainingOpError, match="model.eval"):
+    with pytest.raises(TrainingOpError, match=r"model\.eval"):
         export_onnx(
             Train().train(), (torch.randn(4, 2), torch.tensor([0, 1, 2, 0])), tmp_path / "t.onnx"
         )
