@@ -109,7 +109,7 @@ def _refuse_training(name: str) -> Any:
 
 
 # The training-only L-GM ops, each mapped to a translation that refuses it with that advice.
-LGM_TRAINING_ONLY = {name: _refuse_training(name) for name in ("lgm_margin_logits", "lgm_alpha")}
+LGM_TRAINING_ONLY = {name: _refuse_training(name) for name in ("lgm_margin_logits",)}
 
 
 def _int_attr(b: NodeBuilder, value: object, like: str) -> str:

@@ -7,7 +7,7 @@ Ops (eager, autograd, ``torch.compile``; GEMMs by torch, the assembly by the C++
 - ``lsoftmax::lgm_margin_logits(x, means, log_var, labels, alpha: Tensor, include_logdet)``: the
   same with ``alpha`` a 0-d float64 tensor, so a schedule can change it every step.
 - ``lsoftmax::lgm_backward(...) -> (grad_x, grad_means, grad_log_var)``.
-- ``lsoftmax::lgm_alpha(step, kind, params)``: an alpha schedule's value at a step tensor.
+- the alpha schedule's value comes from ``lsoftmax::schedule_lambda`` (any schedule kind).
 
 ``logits[i, k] = -(1 + alpha [k = y_i]) d_ik - [include_logdet] 1/2 log|V_k|`` and
 ``loglik[i] = -(d_ic + 1/2 log|V_c|)`` for ``c`` the label, or the predicted class without labels.
@@ -39,7 +39,6 @@ __all__ = [
     "LGMClassifier",
     "LGMLoss",
     "check_lgm_inputs",
-    "lgm_alpha",
     "lgm_backward",
     "lgm_logits",
     "lgm_margin_logits",
@@ -507,25 +506,6 @@ def _margin_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 lgm_margin_logits.register_autograd(_logits_backward, setup_context=_margin_setup)
 
 
-# --- lsoftmax::lgm_alpha ------------------------------------------------------------------------
-
-
-@torch.library.custom_op("lsoftmax::lgm_alpha", mutates_args=())
-def lgm_alpha(step: Tensor, kind: str, params: list[float]) -> Tensor:
-    if kind == "stepup":
-        value, gamma, every, max_value = params
-        it = int(step.item())
-        return torch.tensor(
-            _core.stepup_value(value, gamma, int(every), max_value, it), dtype=torch.float64
-        )
-    return torch.ops.lsoftmax.schedule_lambda(step, kind, params)
-
-
-@lgm_alpha.register_fake
-def _(step: Tensor, kind: str, params: list[float]) -> Tensor:
-    return torch.empty((), dtype=torch.float64)
-
-
 # --- modules ------------------------------------------------------------------------------------
 
 
@@ -637,7 +617,7 @@ class LGMLoss(nn.Module):
             )
             return None, logits
         if self.training:
-            alpha = torch.ops.lsoftmax.lgm_alpha(
+            alpha = torch.ops.lsoftmax.schedule_lambda(
                 self.step, self.alpha_schedule.kind, self._schedule_params
             )
             self.step.add_(1)
