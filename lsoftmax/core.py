@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from lsoftmax import _core
+from lsoftmax._checks import float_matrix, int_labels
 
 __all__ = [
     "backward",
@@ -31,25 +32,6 @@ margin_forward_ = _core.margin_forward_
 margin_backward_ = _core.margin_backward_
 set_num_threads = _core.set_num_threads
 get_num_threads = _core.get_num_threads
-
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _float_matrix(name: str, a: Any) -> NDArray[np.floating[Any]]:
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
-    return a
-
-
-def _labels(labels: Any) -> NDArray[np.integer[Any]]:
-    arr = np.asarray(labels)
-    if arr.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
-        raise TypeError(f"labels must be int32 or int64, got {arr.dtype}")
-    return arr
 
 
 def _check_pair(x: NDArray[Any], weight: NDArray[Any]) -> None:
@@ -71,13 +53,13 @@ def forward(
     lam: float = 0.0,
 ) -> NDArray[Any]:
     """Logits ``x @ weight.T``; with labels, the target logit of each row gets the margin."""
-    x = _float_matrix("x", x)
-    weight = _float_matrix("weight", weight)
+    x = float_matrix("x", x)
+    weight = float_matrix("weight", weight)
     _check_pair(x, weight)
     _core.validate_margin_params(margin, lam)
     logits = np.matmul(x, weight.T)
     if labels is not None:
-        _core.margin_forward_(logits, x, weight, _labels(labels), margin, lam)
+        _core.margin_forward_(logits, x, weight, int_labels(labels), margin, lam)
     return logits
 
 
@@ -91,9 +73,9 @@ def backward(
     lam: float,
 ) -> tuple[NDArray[Any], NDArray[Any]]:
     """Gradients ``(grad_x, grad_weight)`` of the margin logits for an incoming ``grad_logits``."""
-    grad_logits = _float_matrix("grad_logits", grad_logits)
-    x = _float_matrix("x", x)
-    weight = _float_matrix("weight", weight)
+    grad_logits = float_matrix("grad_logits", grad_logits)
+    x = float_matrix("x", x)
+    weight = float_matrix("weight", weight)
     _check_pair(x, weight)
     if grad_logits.dtype != x.dtype:
         raise TypeError(f"grad_logits is {grad_logits.dtype} but x is {x.dtype}; they must match")
@@ -105,6 +87,6 @@ def backward(
     grad_x = np.matmul(grad_logits, weight)
     grad_weight = np.matmul(grad_logits.T, x)
     _core.margin_backward_(
-        grad_logits, x, weight, _labels(labels), grad_x, grad_weight, margin, lam
+        grad_logits, x, weight, int_labels(labels), grad_x, grad_weight, margin, lam
     )
     return grad_x, grad_weight

@@ -24,29 +24,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from lsoftmax import _core
+from lsoftmax._checks import float_matrix, int_labels
 
 __all__ = ["lgm_backward", "lgm_forward", "log_var_from_variances"]
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _float_matrix(name: str, a: Any) -> NDArray[Any]:
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
-    return a
-
 
 def _labels(labels: Any) -> NDArray[Any] | None:
-    if labels is None:
-        return None
-    arr = np.asarray(labels)
-    if arr.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
-        raise TypeError(f"labels must be int32 or int64, got {arr.dtype}")
-    return arr
+    return None if labels is None else int_labels(labels)
 
 
 def _check(x: NDArray[Any], means: NDArray[Any], log_var: NDArray[Any]) -> None:
@@ -62,7 +46,7 @@ def _check(x: NDArray[Any], means: NDArray[Any], log_var: NDArray[Any]) -> None:
 
 def log_var_from_variances(variances: NDArray[Any]) -> NDArray[Any]:
     """``log(variances)`` after checking that every variance is finite and > 0."""
-    return _core.lgm_log_var_from_variances(_float_matrix("variances", variances))
+    return _core.lgm_log_var_from_variances(float_matrix("variances", variances))
 
 
 def _diagonal(x: NDArray[Any], log_var: NDArray[Any]) -> bool:
@@ -83,14 +67,14 @@ def lgm_forward(
 
     Give either ``log_var`` or ``variances`` (then checked to be > 0).
     """
-    x = _float_matrix("x", x)
-    means = _float_matrix("means", means)
+    x = float_matrix("x", x)
+    means = float_matrix("means", means)
     if (log_var is None) == (variances is None):
         raise ValueError("give exactly one of log_var and variances")
     if variances is not None:
         log_var = log_var_from_variances(variances)
     assert log_var is not None
-    log_var = _float_matrix("log_var", log_var)
+    log_var = float_matrix("log_var", log_var)
     _check(x, means, log_var)
     _core.validate_lgm_alpha(alpha)
     offset, precision, scaled_means = _core.lgm_prepare(means, log_var)
@@ -121,11 +105,11 @@ def lgm_backward(
     ``logits`` is ``lgm_forward``'s output for the same inputs (it fixes the predicted class of
     rows without labels); ``grad_loglik`` may be None.
     """
-    grad_logits = _float_matrix("grad_logits", grad_logits)
-    logits = _float_matrix("logits", logits)
-    x = _float_matrix("x", x)
-    means = _float_matrix("means", means)
-    log_var = _float_matrix("log_var", log_var)
+    grad_logits = float_matrix("grad_logits", grad_logits)
+    logits = float_matrix("logits", logits)
+    x = float_matrix("x", x)
+    means = float_matrix("means", means)
+    log_var = float_matrix("log_var", log_var)
     _check(x, means, log_var)
     expected = (x.shape[0], means.shape[0])
     for name, a in (("grad_logits", grad_logits), ("logits", logits)):
