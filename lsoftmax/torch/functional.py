@@ -9,7 +9,13 @@ from torch import Tensor
 
 from lsoftmax.torch import ops as _ops  # noqa: F401  (registers torch.ops.lsoftmax)
 
-__all__ = ["check_inputs", "check_lambda", "check_margin", "lsoftmax_logits"]
+__all__ = [
+    "check_inputs",
+    "check_lambda",
+    "check_margin",
+    "check_target",
+    "lsoftmax_logits",
+]
 
 _FLOATS = (torch.float32, torch.float64)
 _LABELS = (torch.int32, torch.int64)
@@ -53,6 +59,11 @@ def check_inputs(x: Tensor, weight: Tensor, target: Tensor | None) -> None:
         )
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    check_target(target, x)
+
+
+def check_target(target: Tensor | None, x: Tensor) -> None:
+    """Checks optional int32/int64 labels: one per row of ``x``, on ``x``'s device."""
     if target is None:
         return
     if not isinstance(target, Tensor):

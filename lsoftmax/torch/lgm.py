@@ -34,6 +34,7 @@ from lsoftmax import _core
 from lsoftmax.schedules import Constant, Schedule
 from lsoftmax.torch import _kernels
 from lsoftmax.torch import ops as _ops  # noqa: F401  (registers lsoftmax::schedule_lambda)
+from lsoftmax.torch.functional import check_target
 
 __all__ = [
     "LGMClassifier",
@@ -46,7 +47,6 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float32, torch.float64)
-_LABELS = (torch.int32, torch.int64)
 
 #: Default floor of the log-variance in ``LGMLoss``: variances never go below 1e-4.
 LOG_VAR_FLOOR = math.log(1e-4)
@@ -90,18 +90,7 @@ def check_lgm_inputs(x: Tensor, means: Tensor, log_var: Tensor, target: Tensor |
             f"log_var has shape {tuple(log_var.shape)} but means has {tuple(means.shape)}; "
             "log_var must be (C, D) or (C, 1)"
         )
-    if target is None:
-        return
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in _LABELS:
-        raise TypeError(f"target must be int32 or int64, got {target.dtype}")
-    if target.dim() != 1 or target.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"target must have shape ({x.shape[0]},) to match x, got {tuple(target.shape)}"
-        )
-    if target.device != x.device:
-        raise ValueError(f"target is on {target.device} but x is on {x.device}")
+    check_target(target, x)
 
 
 def log_var_from_variances(variances: Tensor) -> Tensor:
