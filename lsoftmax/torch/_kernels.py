@@ -160,6 +160,17 @@ def _same_device(ref: torch.Tensor, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {t.device} but the op runs on {ref.device}")
 
 
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _new_flag(device: torch.device) -> torch.Tensor | None:
+    """A zeroed device error flag for the kernels to raise, or None when label checks are off."""
+    if _settings["label_check"] == "off":
+        return None
+    return torch.zeros((), dtype=torch.int32, device=device)
+
+
 @functools.lru_cache(maxsize=64)
 def _workspace_bytes(device: int, n: int, c: int, dtype: str, deterministic: bool) -> int:
     # Pure function of its arguments (CUB's sort storage for this device); cached so the hot
@@ -221,9 +232,8 @@ def _cuda_forward_(
 ) -> None:
     _same_device(logits, x=x, weight=weight, labels=labels)
     lam_value, lam_dev = _device_lambda(lam, logits.device)
-    check = _settings["label_check"] != "off"
     with torch.cuda.device(logits.device):
-        flag = torch.zeros((), dtype=torch.int32, device=logits.device) if check else None
+        flag = _new_flag(logits.device)
         _core.cuda_margin_forward_(
             _mat("logits", logits),
             _mat("x", x),
@@ -231,10 +241,10 @@ def _cuda_forward_(
             _vec(labels),
             margin,
             lam_value,
-            error_flag=flag.data_ptr() if flag is not None else 0,
+            error_flag=_ptr(flag),
             stream=torch.cuda.current_stream(logits.device).cuda_stream,
-            check_labels=check,
-            lam_ptr=lam_dev.data_ptr() if lam_dev is not None else 0,
+            check_labels=flag is not None,
+            lam_ptr=_ptr(lam_dev),
         )
         if flag is not None:
             _report_labels(flag, labels, weight.shape[0], sync=True, lam=lam_dev)
@@ -261,8 +271,7 @@ def _cuda_backward_(
         if margin > 1 and (deterministic or x.dtype in (torch.float16, torch.bfloat16)):
             nbytes = _workspace_bytes(dev.index or 0, n, c, _cuda_dtype("x", x), deterministic)
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=dev) if nbytes else None
-        check = _settings["label_check"] != "off"
-        flag = torch.zeros((), dtype=torch.int32, device=dev) if check else None
+        flag = _new_flag(dev)
         _core.cuda_margin_backward_(
             _mat("grad_logits", grad_logits),
             _mat("x", x),
@@ -273,12 +282,12 @@ def _cuda_backward_(
             margin,
             lam_value,
             deterministic=deterministic,
-            workspace=workspace.data_ptr() if workspace is not None else 0,
+            workspace=_ptr(workspace),
             workspace_bytes=nbytes,
-            error_flag=flag.data_ptr() if flag is not None else 0,
+            error_flag=_ptr(flag),
             stream=torch.cuda.current_stream(dev).cuda_stream,
-            check_labels=check,
-            lam_ptr=lam_dev.data_ptr() if lam_dev is not None else 0,
+            check_labels=flag is not None,
+            lam_ptr=_ptr(lam_dev),
         )
         if flag is not None:
             _report_labels(flag, labels, c, sync=False)

@@ -153,10 +153,6 @@ def _opt_vec(t: Tensor | None) -> tuple[int, int, int, str] | None:
     return None if t is None else _kernels._vec(t)
 
 
-def _ptr(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 @functools.lru_cache(maxsize=64)
 def _cuda_workspace_bytes(device: int, n: int, c: int, d: int, dv: int) -> int:
     # A pure function of its arguments (CUB's sort storage on this device), cached so that the
@@ -208,16 +204,10 @@ def _cuda_prepare(
         _kernels._mat("precision", precision),
         _kernels._mat("scaled_means", scaled),
         terms.data_ptr(),
-        error_flag=_ptr(flag),
+        error_flag=_kernels._ptr(flag),
         stream=stream,
     )
     return offset, precision, scaled, terms
-
-
-def _new_flag(device: torch.device) -> Tensor | None:
-    if _kernels.get_label_check() == "off":
-        return None
-    return torch.zeros((), dtype=torch.int32, device=device)
 
 
 def _cuda_forward(
@@ -234,7 +224,7 @@ def _cuda_forward(
     dev = x.device
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        flag = _new_flag(dev)
+        flag = _kernels._new_flag(dev)
         offset, precision, scaled, terms = _cuda_prepare(means, log_var, flag, stream)
         xc = x - offset
         logits = torch.mm(xc, scaled.t())
@@ -252,7 +242,7 @@ def _cuda_forward(
             loglik.data_ptr(),
             alpha,
             include_logdet,
-            error_flag=_ptr(flag),
+            error_flag=_kernels._ptr(flag),
             stream=stream,
         )
         _report(flag, labels, log_var, means.shape[0], sync=True)
@@ -278,7 +268,7 @@ def _cuda_backward(
     d, dv = x.shape[1], log_var.shape[1]
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        flag = _new_flag(dev)
+        flag = _kernels._new_flag(dev)
         offset, precision, scaled, terms = _cuda_prepare(means, log_var, flag, stream)
         nbytes = _cuda_workspace_bytes(dev.index or 0, n, c, d, dv)
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=dev)
@@ -302,7 +292,7 @@ def _cuda_backward(
             cls.data_ptr(),
             workspace.data_ptr(),
             nbytes,
-            error_flag=_ptr(flag),
+            error_flag=_kernels._ptr(flag),
             stream=stream,
         )
         xc = x - offset
@@ -331,7 +321,7 @@ def _cuda_backward(
             _kernels._mat("grad_log_var", grad_log_var),
             workspace.data_ptr(),
             nbytes,
-            error_flag=_ptr(flag),
+            error_flag=_kernels._ptr(flag),
             stream=stream,
         )
         _report(flag, labels, log_var, c, sync=False)
