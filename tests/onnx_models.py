@@ -8,6 +8,10 @@ exporter can translate with labels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -94,11 +98,41 @@ def with_margin(proto: object, margin: int) -> object:
     import onnx
 
     assert isinstance(proto, onnx.ModelProto)
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out = copy_model(proto)
     for node in out.graph.node:
         if node.domain == "ai.lsoftmax":
             for attr in node.attribute:
                 if attr.name == "margin":
                     attr.i = margin
     return out
+
+
+def copy_model(proto: Any) -> Any:
+    """A deep copy of an ``onnx.ModelProto`` (``finalize`` and friends edit theirs in place)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out
+
+
+def export_cache(
+    tmp: Path, lam: float
+) -> Callable[[str, torch.dtype, bool], tuple[nn.Module, Any]]:
+    """``get(kind, dtype, with_labels) -> (model, custom-mode proto)``, each exported on first use
+    (an export costs ~2 s); with labels the graph is ``WithLabels(model, 4, lam)``."""
+    from lsoftmax.exporters import export_onnx
+
+    cache: dict[tuple[str, torch.dtype, bool], tuple[nn.Module, Any]] = {}
+
+    def get(kind: str, dtype: torch.dtype, with_labels: bool) -> tuple[nn.Module, Any]:
+        key = (kind, dtype, with_labels)
+        if key not in cache:
+            model = make(kind, dtype)
+            x, t = inputs(model, 3, dtype)
+            net = WithLabels(model, 4, lam) if with_labels else model
+            args = (x, t) if with_labels else (x,)
+            cache[key] = (model, export_onnx(net, args, tmp / "m.onnx", mode="custom"))
+        return cache[key]
+
+    return get

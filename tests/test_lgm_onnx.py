@@ -15,6 +15,7 @@ import onnxruntime
 import pytest
 import torch
 from lsoftmax.exporters import TrainingOpError, export_onnx, finalize
+from onnx_models import copy_model
 from reference import max_rel_err
 from test_lgm_core import lgm_reference
 from torch import Tensor, nn
@@ -54,12 +55,6 @@ class Net(nn.Module):
         return torch.ops.lsoftmax.lgm_logits(feat, self.lgm.means, lv, labels, ALPHA, True)
 
 
-def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    return out
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Any:
     cache: dict[tuple[torch.dtype, bool, bool], tuple[Net, onnx.ModelProto]] = {}
@@ -78,7 +73,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def _run(proto: onnx.ModelProto, mode: str, feeds: list[np.ndarray], library: bool = True):
-    model = finalize(_copy(proto), mode).SerializeToString()
+    model = finalize(copy_model(proto), mode).SerializeToString()
     sess = lort.session(model) if library else onnxruntime.InferenceSession(model)
     names = [i.name for i in sess.get_inputs()]
     return sess.run(None, dict(zip(names, feeds, strict=True)))
@@ -196,7 +191,7 @@ def test_include_logdet_attribute_in_every_mode() -> None:
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
     ref = lgm_reference(t["X"], t["means"], t["log_var"], t["labels"], 0.0, False)
     for mode, library in (("custom", True), ("function", False), ("portable", False)):
-        proto = finalize(_copy(model), mode).SerializeToString()
+        proto = finalize(copy_model(model), mode).SerializeToString()
         sess = lort.session(proto) if library else onnxruntime.InferenceSession(proto)
         got = sess.run(None, feeds)
         for a, b in zip(got, ref, strict=True):
@@ -229,7 +224,7 @@ def test_tight_clusters_keep_loglik_accurate_in_every_mode(with_labels) -> None:
     y = t["labels"] if with_labels else None
     ref = lgm_reference(t["X"], t["means"], t["log_var"], y, 0.5 if with_labels else 0.0, True)
     for mode, library in (("custom", True), ("function", False), ("portable", False)):
-        proto = finalize(_copy(model), mode).SerializeToString()
+        proto = finalize(copy_model(model), mode).SerializeToString()
         sess = lort.session(proto) if library else onnxruntime.InferenceSession(proto)
         logits, loglik = sess.run(None, feeds)
         assert max_rel_err(loglik, ref[1]) <= 1e-5, mode

@@ -17,8 +17,8 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from lsoftmax.exporters import export_onnx, finalize
-from onnx_models import WithLabels, feeds, inputs, make, with_margin
+from lsoftmax.exporters import finalize
+from onnx_models import WithLabels, copy_model, export_cache, feeds, inputs, with_margin
 from reference import lsoftmax_reference, max_rel_err
 
 from lsoftmax import core
@@ -35,34 +35,14 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 LAM = 0.5  # exact in float32 (ONNX float attributes are float32)
 
 
-def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    return out
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """(kind, dtype, with_labels) -> (model, custom-mode proto), exported on first use."""
-    cache: dict[tuple[str, torch.dtype, bool], tuple[torch.nn.Module, onnx.ModelProto]] = {}
-    tmp = tmp_path_factory.mktemp("parity")
-
-    def get(kind: str, dtype: torch.dtype, with_labels: bool) -> Any:
-        key = (kind, dtype, with_labels)
-        if key not in cache:
-            model = make(kind, dtype)
-            x, t = inputs(model, 3, dtype)
-            net = WithLabels(model, 4, LAM) if with_labels else model
-            args = (x, t) if with_labels else (x,)
-            proto = export_onnx(net, args, tmp / "m.onnx", mode="custom")
-            cache[key] = (model, proto)
-        return cache[key]
-
-    return get
+    return export_cache(tmp_path_factory.mktemp("parity"), LAM)
 
 
 def _session(proto: onnx.ModelProto, mode: str) -> onnxruntime.InferenceSession:
-    return lort.session(finalize(_copy(proto), mode).SerializeToString())
+    return lort.session(finalize(copy_model(proto), mode).SerializeToString())
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -16,8 +16,8 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from lsoftmax.exporters import export_onnx, finalize
-from onnx_models import WithLabels, feeds, inputs, make, with_margin
+from lsoftmax.exporters import finalize
+from onnx_models import export_cache, feeds, inputs, with_margin
 from reference import lsoftmax_reference, max_rel_err
 
 import lsoftmax.cuda as lc
@@ -44,20 +44,7 @@ CASES = pytest.mark.parametrize(
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    cache: dict[tuple[str, torch.dtype, bool], tuple[torch.nn.Module, onnx.ModelProto]] = {}
-    tmp = tmp_path_factory.mktemp("ort_cuda")
-
-    def get(kind: str, dtype: torch.dtype, with_labels: bool) -> Any:
-        key = (kind, dtype, with_labels)
-        if key not in cache:
-            model = make(kind, dtype)
-            x, t = inputs(model, 3, dtype)
-            net = WithLabels(model, 4, LAM) if with_labels else model
-            args = (x, t) if with_labels else (x,)
-            cache[key] = (model, export_onnx(net, args, tmp / "m.onnx", mode="custom"))
-        return cache[key]
-
-    return get
+    return export_cache(tmp_path_factory.mktemp("ort_cuda"), LAM)
 
 
 def _session(proto: onnx.ModelProto, provider: str, profile_dir: Path | None = None) -> Any:
