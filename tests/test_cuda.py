@@ -8,7 +8,6 @@ GPU tests carry the ``gpu`` marker; ``benchmarks/gpu_check.sh`` runs them on a G
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import math
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FAKE_STREAM, fake_cuda_runtime
 from reference import lsoftmax_reference, max_rel_err, reference_with_grads, segment_case
 
 import lsoftmax.cuda as lc
@@ -603,13 +603,7 @@ def fake_torch_cuda(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple, d
     """The torch CUDA glue of _kernels.py run on CPU tensors: torch.cuda's stream/device calls
     and the _core launchers are stand-ins that record what they are given."""
     calls: list[tuple[str, tuple, dict]] = []
-
-    class Stream:
-        cuda_stream = 77
-
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fake_cuda_runtime(monkeypatch)
     monkeypatch.setattr(_core, "cuda_margin_forward_", lambda *a, **k: calls.append(("f", a, k)))
     monkeypatch.setattr(_core, "cuda_margin_backward_", lambda *a, **k: calls.append(("b", a, k)))
     monkeypatch.setattr(_core, "cuda_backward_workspace_size", lambda n, c, dt, det: 1000 + n)
@@ -634,7 +628,7 @@ def test_torch_cuda_glue_marshals_pointers_strides_stream(fake_torch_cuda: list)
         (y.data_ptr(), 5, 1, "int32"),
     )
     assert args[4:] == (4, 0.5)
-    assert kw["stream"] == 77 and kw["check_labels"] and kw["error_flag"] != 0
+    assert kw["stream"] == FAKE_STREAM and kw["check_labels"] and kw["error_flag"] != 0
 
     set_label_check("off")
     _kernels._cuda_forward_(logits, x, w, y, 4, 0.5)
@@ -773,7 +767,7 @@ def test_torch_cuda_glue_schedule_and_bad_device_lambda(fake_torch_cuda: list, m
     step = torch.tensor(7, dtype=torch.int32)  # converted to the int64 the kernel reads
     out = _kernels.schedule_lambda_cuda(step, "scaled", [100, 0.5, 0])
     (args, kw) = recorded[-1]
-    assert args[:2] == ("scaled", [100.0, 0.5, 0.0]) and kw["stream"] == 77
+    assert args[:2] == ("scaled", [100.0, 0.5, 0.0]) and kw["stream"] == FAKE_STREAM
     assert args[3] == out.data_ptr() and out.dtype == torch.float64 and out.dim() == 0
     with pytest.raises(ValueError, match="step must be a 0-d tensor"):
         _kernels.schedule_lambda_cuda(torch.zeros(2, dtype=torch.int64), "scaled", [1, 1, 0])

@@ -10,7 +10,6 @@ GPU tests carry the ``gpu`` marker; ``benchmarks/gpu_check.sh`` runs them on a G
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 from pathlib import Path
@@ -21,6 +20,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from helpers import FAKE_STREAM, fake_cuda_runtime
 from reference import max_rel_err
 from test_lgm_core import lgm_reference_grads, make_case
 
@@ -398,13 +398,7 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple, dict]]:
     """lgm.py's CUDA path run on CPU tensors: torch.cuda's stream/device calls and the _core
     launchers are stand-ins that record what they are given."""
     calls: list[tuple[str, tuple, dict]] = []
-
-    class Stream:
-        cuda_stream = 77
-
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fake_cuda_runtime(monkeypatch)
     for name in (
         "cuda_lgm_prepare",
         "cuda_lgm_forward_",
@@ -435,7 +429,7 @@ def test_torch_glue_forward_marshals_pointers_strides_stream(fake_cuda: list) ->
     assert f_args[6] == (y.data_ptr(), 5, 1, "int32")
     assert f_args[7] == (logits.data_ptr(), 5, 3, 3, 1, "float64")
     assert f_args[8] == loglik.data_ptr() and f_args[9:] == (0.5, False)
-    assert f_kw["stream"] == 77 == p_kw["stream"]
+    assert f_kw["stream"] == FAKE_STREAM == p_kw["stream"]
     assert f_kw["error_flag"] != 0 and f_kw["error_flag"] == p_kw["error_flag"]
 
     fake_cuda.clear()
@@ -487,5 +481,5 @@ def test_torch_glue_backward_buffers_and_workspace(fake_cuda: list) -> None:
         (gm.data_ptr(), c, d, d, 1, "float32"),
         (glv.data_ptr(), c, d, d, 1, "float32"),
     )
-    assert c_kw["stream"] == a_kw["stream"] == 77
+    assert c_kw["stream"] == a_kw["stream"] == FAKE_STREAM
     assert c_kw["error_flag"] == a_kw["error_flag"] != 0
