@@ -10,32 +10,10 @@
 namespace lsoftmax_ort {
 namespace {
 
-// ORT's Gemm computing Y = A B^T. Op::Create applies no schema defaults, so every attribute is
-// given explicitly.
-template <typename T>
-Ort::Op make_gemm_abt(const OrtKernelInfo* info) {
-  const char* type_names[] = {"T"};
-  const ONNXTensorElementDataType types[] = {onnx_type<T>()};
-  const float alpha = 1.0f, beta = 0.0f;
-  const int64_t trans_a = 0, trans_b = 1;
-  Ort::OpAttr attrs[] = {
-      Ort::OpAttr("alpha", &alpha, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
-      Ort::OpAttr("beta", &beta, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
-      Ort::OpAttr("transA", &trans_a, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
-      Ort::OpAttr("transB", &trans_b, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
-  };
-  return Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attrs, 4, /*inputs=*/2,
-                         /*outputs=*/1);
-}
-
 template <typename T>
 Ort::Value wrap(const Ort::MemoryInfo& mem, std::vector<T>& buf, int64_t rows, int64_t cols) {
   const int64_t shape[] = {rows, cols};
   return Ort::Value::CreateTensor<T>(mem, buf.data(), buf.size(), shape, 2);
-}
-
-std::string shape_of(const Ort::ConstValue& v) {
-  return shape_string(v.GetTensorTypeAndShapeInfo().GetShape());
 }
 
 }  // namespace
@@ -51,36 +29,14 @@ OrtStatus* LGMLogitsKernel<T>::ComputeV2(OrtKernelContext* context) {
     const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
     const std::vector<int64_t> ms = means.GetTensorTypeAndShapeInfo().GetShape();
     const std::vector<int64_t> ls = log_var.GetTensorTypeAndShapeInfo().GetShape();
-    if (xs.size() != 2) {
-      return invalid_argument(kLGMLogits,
-                              "input X must be 2-D (N, D), got shape " + shape_string(xs));
-    }
-    if (ms.size() != 2) {
-      return invalid_argument(kLGMLogits,
-                              "input means must be 2-D (C, D), got shape " + shape_string(ms));
-    }
-    if (ls.size() != 2) {
-      return invalid_argument(kLGMLogits, "input log_var must be 2-D (C, D) or (C, 1), got shape " +
-                                              shape_string(ls));
-    }
+    if (OrtStatus* bad = check_2d(kLGMLogits, "X", "(N, D)", xs)) return bad;
+    if (OrtStatus* bad = check_2d(kLGMLogits, "means", "(C, D)", ms)) return bad;
+    if (OrtStatus* bad = check_2d(kLGMLogits, "log_var", "(C, D) or (C, 1)", ls)) return bad;
     const int64_t n = xs[0], d = xs[1], c = ms[0], dv = ls[1];
-    Ort::ConstValue labels{nullptr};
-    if (ctx.GetInputCount() > 3) labels = ctx.GetInput(3);
+    const Ort::ConstValue labels = optional_input(ctx, 3);
     ONNXTensorElementDataType label_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
     if (labels) {
-      const Ort::TensorTypeAndShapeInfo li = labels.GetTensorTypeAndShapeInfo();
-      label_type = li.GetElementType();
-      if (label_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
-          label_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
-        return invalid_argument(
-            kLGMLogits, std::string("input labels must be int64 or int32, got ") +
-                            type_name(label_type));
-      }
-      const std::vector<int64_t> lbs = li.GetShape();
-      if (lbs.size() != 1 || lbs[0] != n) {
-        return invalid_argument(kLGMLogits, "input labels must have shape (" + std::to_string(n) +
-                                                ",) to match X, got " + shape_of(labels));
-      }
+      if (OrtStatus* bad = check_labels_input(kLGMLogits, labels, n, &label_type)) return bad;
     }
 
     using lsoftmax::MatrixView;
@@ -94,9 +50,7 @@ OrtStatus* LGMLogitsKernel<T>::ComputeV2(OrtKernelContext* context) {
         mv, lv, offset.data(), MatrixView<T>::contiguous(precision.data(), ls[0], dv),
         MatrixView<T>::contiguous(scaled.data(), c, ms[1]));
     if (s.ok() && d != ms[1]) {
-      s = lsoftmax::Status::InvalidArgument("input X has " + std::to_string(d) +
-                                            " features per row but input means has " +
-                                            std::to_string(ms[1]));
+      s = lsoftmax::Status::InvalidArgument(features_mismatch(d, "means", ms[1]));
     }
     if (!s.ok()) return to_ort_status(kLGMLogits, s);
 
@@ -152,21 +106,10 @@ OrtStatus* LGMLogitsKernel<T>::ComputeV2(OrtKernelContext* context) {
   });
 }
 
-template <typename T>
-LGMLogitsOp<T>::LGMLogitsOp() {
-  // Declare the oldest API whose OrtCustomOp fields we fill (see LSoftmaxLinearOp).
-  OrtCustomOp::version = kMinOrtApiVersion;
-}
-
 OrtStatus* ReadLGMLogitsAttributes(const OrtKernelInfo* info, double* alpha_out,
                                    bool* include_logdet_out) {
   float alpha = kLGMLogitsDefaultAlpha;
-  if (!try_attribute(info, "alpha", &alpha)) {
-    int64_t as_int = 0;
-    if (try_attribute(info, "alpha", &as_int)) {
-      return invalid_argument(kLGMLogits, "attribute 'alpha' must be a float, got an int");
-    }
-  }
+  if (OrtStatus* bad = read_float_attribute(info, kLGMLogits, "alpha", &alpha)) return bad;
   int64_t include_logdet = kLGMLogitsDefaultIncludeLogdet;
   if (!try_attribute(info, "include_logdet", &include_logdet)) {
     float as_float = 0.0f;
@@ -192,21 +135,9 @@ OrtStatus* LGMLogitsOp<T>::CreateKernelV2(const OrtApi&, const OrtKernelInfo* in
     double alpha = 0.0;
     bool include_logdet = true;
     if (OrtStatus* bad = ReadLGMLogitsAttributes(info, &alpha, &include_logdet)) return bad;
-    *kernel = new LGMLogitsKernel<T>(make_gemm_abt<T>(info), alpha, include_logdet);
+    *kernel = new LGMLogitsKernel<T>(make_gemm<T>(info, /*trans_b=*/true), alpha, include_logdet);
     return nullptr;
   });
-}
-
-template <typename T>
-ONNXTensorElementDataType LGMLogitsOp<T>::GetInputType(size_t index) const {
-  // labels: any type here, so that float labels get a run-time error naming the input.
-  return index < 3 ? onnx_type<T>() : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-}
-
-template <typename T>
-OrtCustomOpInputOutputCharacteristic LGMLogitsOp<T>::GetInputCharacteristic(size_t index) const {
-  return index == 3 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
-                    : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
 }
 
 std::vector<const OrtCustomOp*> LGMLogitsCpuOps() {

@@ -38,15 +38,10 @@ class LGMLogitsKernel {
 };
 
 template <typename T>
-struct LGMLogitsOp : Ort::CustomOpBase<LGMLogitsOp<T>, LGMLogitsKernel<T>, /*WithStatus=*/true> {
-  LGMLogitsOp();
+struct LGMLogitsOp
+    : LabelledOpBase<LGMLogitsOp<T>, LGMLogitsKernel<T>, T, /*kInputs=*/4, /*kOutputs=*/2> {
   OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
   const char* GetName() const { return kLGMLogits; }
-  size_t GetInputTypeCount() const { return 4; }
-  ONNXTensorElementDataType GetInputType(size_t index) const;
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return onnx_type<T>(); }
 };
 
 // Reads and checks the attributes (alpha, include_logdet) for the CPU and CUDA-EP kernels.

@@ -10,28 +10,6 @@
 namespace lsoftmax_ort {
 namespace {
 
-std::string shape_of(const Ort::ConstValue& v) {
-  return shape_string(v.GetTensorTypeAndShapeInfo().GetShape());
-}
-
-// ORT's Gemm computing Y = X B^T (trans_b) or X B. Op::Create applies no schema defaults, so
-// every attribute is given explicitly.
-template <typename T>
-Ort::Op make_gemm(const OrtKernelInfo* info, bool trans_b) {
-  const char* type_names[] = {"T"};
-  const ONNXTensorElementDataType types[] = {onnx_type<T>()};
-  const float alpha = 1.0f, beta = 0.0f;
-  const int64_t trans_a = 0, trans_b_attr = trans_b ? 1 : 0;
-  Ort::OpAttr attrs[] = {
-      Ort::OpAttr("alpha", &alpha, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
-      Ort::OpAttr("beta", &beta, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
-      Ort::OpAttr("transA", &trans_a, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
-      Ort::OpAttr("transB", &trans_b_attr, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
-  };
-  return Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attrs, 4, /*inputs=*/2,
-                         /*outputs=*/1);
-}
-
 template <typename T, typename L>
 OrtStatus* apply_margin(const T* x, const T* w, const L* labels, T* y, int64_t n, int64_t d,
                         int64_t c, int64_t margin, double lambda) {
@@ -79,39 +57,17 @@ OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
     const Ort::ConstValue w = ctx.GetInput(1);
     const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
     const std::vector<int64_t> ws = w.GetTensorTypeAndShapeInfo().GetShape();
-    if (xs.size() != 2) {
-      return invalid_argument(kLSoftmaxLinear,
-                              "input X must be 2-D (N, D), got shape " + shape_string(xs));
-    }
-    if (ws.size() != 2) {
-      return invalid_argument(kLSoftmaxLinear,
-                              "input W must be 2-D (C, D), got shape " + shape_string(ws));
-    }
+    if (OrtStatus* bad = check_2d(kLSoftmaxLinear, "X", "(N, D)", xs)) return bad;
+    if (OrtStatus* bad = check_2d(kLSoftmaxLinear, "W", "(C, D)", ws)) return bad;
     const int64_t n = xs[0], d = xs[1], c = ws[0];
     if (ws[1] != d) {
-      return invalid_argument(kLSoftmaxLinear, "input X has " + std::to_string(d) +
-                                                   " features per row but input W has " +
-                                                   std::to_string(ws[1]) +
+      return invalid_argument(kLSoftmaxLinear, features_mismatch(d, "W", ws[1]) +
                                                    " (W must be (num_classes, in_features))");
     }
-    Ort::ConstValue labels{nullptr};
-    if (ctx.GetInputCount() > 2) labels = ctx.GetInput(2);
+    const Ort::ConstValue labels = optional_input(ctx, 2);
     ONNXTensorElementDataType label_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
     if (labels) {
-      const Ort::TensorTypeAndShapeInfo li = labels.GetTensorTypeAndShapeInfo();
-      label_type = li.GetElementType();
-      if (label_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
-          label_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
-        return invalid_argument(kLSoftmaxLinear, std::string("input labels must be int64 or "
-                                                             "int32, got ") +
-                                                     type_name(label_type));
-      }
-      const std::vector<int64_t> ls = li.GetShape();
-      if (ls.size() != 1 || ls[0] != n) {
-        return invalid_argument(kLSoftmaxLinear, "input labels must have shape (" +
-                                                     std::to_string(n) + ",) to match X, got " +
-                                                     shape_of(labels));
-      }
+      if (OrtStatus* bad = check_labels_input(kLSoftmaxLinear, labels, n, &label_type)) return bad;
     }
 
     Ort::UnownedValue y = ctx.GetOutput(0, {n, c});
@@ -145,11 +101,20 @@ OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
   });
 }
 
-template <typename T>
-LSoftmaxLinearOp<T>::LSoftmaxLinearOp() {
-  // Declare the oldest API whose OrtCustomOp fields we fill, so every runtime from that
-  // version on reads the op the same way (CustomOpBase would claim the headers' version).
-  OrtCustomOp::version = kMinOrtApiVersion;
+OrtStatus* ReadLSoftmaxLinearAttributes(const OrtKernelInfo* info, int64_t* margin_out,
+                                        double* lambda_out) {
+  int64_t margin = 0;
+  if (!try_attribute(info, "margin", &margin)) {
+    return invalid_argument(kLSoftmaxLinear,
+                            "attribute 'margin' (an int >= 1) is required and must be an int");
+  }
+  float lambda = kLSoftmaxLinearDefaultLambda;
+  if (OrtStatus* bad = read_float_attribute(info, kLSoftmaxLinear, "lambda", &lambda)) return bad;
+  const lsoftmax::Status s = lsoftmax::validate_margin_params(margin, lambda);
+  if (!s.ok()) return invalid_argument(kLSoftmaxLinear, "attribute " + s.message());
+  *margin_out = margin;
+  *lambda_out = lambda;
+  return nullptr;
 }
 
 template <typename T>
@@ -157,37 +122,11 @@ OrtStatus* LSoftmaxLinearOp<T>::CreateKernelV2(const OrtApi&, const OrtKernelInf
                                                void** kernel) const {
   return guarded(kLSoftmaxLinear, [&]() -> OrtStatus* {
     int64_t margin = 0;
-    if (!try_attribute(info, "margin", &margin)) {
-      return invalid_argument(kLSoftmaxLinear,
-                              "attribute 'margin' (an int >= 1) is required and must be an int");
-    }
-    float lambda = kLSoftmaxLinearDefaultLambda;
-    if (!try_attribute(info, "lambda", &lambda)) {
-      // Absent means the default; an int-typed lambda is a model error, not a default.
-      int64_t as_int = 0;
-      if (try_attribute(info, "lambda", &as_int)) {
-        return invalid_argument(kLSoftmaxLinear, "attribute 'lambda' must be a float, got an int");
-      }
-    }
-    const lsoftmax::Status s = lsoftmax::validate_margin_params(margin, lambda);
-    if (!s.ok()) return invalid_argument(kLSoftmaxLinear, "attribute " + s.message());
+    double lambda = 0.0;
+    if (OrtStatus* bad = ReadLSoftmaxLinearAttributes(info, &margin, &lambda)) return bad;
     *kernel = new LSoftmaxLinearKernel<T>(info, margin, lambda);
     return nullptr;
   });
-}
-
-template <typename T>
-ONNXTensorElementDataType LSoftmaxLinearOp<T>::GetInputType(size_t index) const {
-  // labels: any type here, so that float labels get a run-time error naming the input rather
-  // than a graph error about a missing kernel.
-  return index < 2 ? onnx_type<T>() : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-}
-
-template <typename T>
-OrtCustomOpInputOutputCharacteristic LSoftmaxLinearOp<T>::GetInputCharacteristic(
-    size_t index) const {
-  return index == 2 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
-                    : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
 }
 
 std::vector<const OrtCustomOp*> LSoftmaxLinearCpuOps() {

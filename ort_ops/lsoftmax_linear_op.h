@@ -39,16 +39,15 @@ class LSoftmaxLinearKernel {
 
 template <typename T>
 struct LSoftmaxLinearOp
-    : Ort::CustomOpBase<LSoftmaxLinearOp<T>, LSoftmaxLinearKernel<T>, /*WithStatus=*/true> {
-  LSoftmaxLinearOp();
+    : LabelledOpBase<LSoftmaxLinearOp<T>, LSoftmaxLinearKernel<T>, T, /*kInputs=*/3,
+                     /*kOutputs=*/1> {
   OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
   const char* GetName() const { return kLSoftmaxLinear; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t index) const;
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return onnx_type<T>(); }
 };
+
+// Reads and checks the attributes (margin, lambda) for the CPU and CUDA-EP kernels.
+OrtStatus* ReadLSoftmaxLinearAttributes(const OrtKernelInfo* info, int64_t* margin,
+                                        double* lambda);
 
 // The CPU ops (float32 and float64), static objects that live as long as the library.
 std::vector<const OrtCustomOp*> LSoftmaxLinearCpuOps();

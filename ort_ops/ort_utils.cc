@@ -1,6 +1,7 @@
 // Out-of-line parts of ort_utils.h and the debug counter's C entry points.
 #include "ort_utils.h"
 
+#include <string>
 #include <vector>
 
 namespace lsoftmax_ort {
@@ -38,6 +39,51 @@ std::string shape_string(const std::vector<int64_t>& shape) {
   }
   if (shape.size() == 1) s += ",";
   return s + ")";
+}
+
+OrtStatus* read_float_attribute(const OrtKernelInfo* info, const char* op, const char* name,
+                                float* value) {
+  if (try_attribute(info, name, value)) return nullptr;
+  int64_t as_int = 0;
+  if (try_attribute(info, name, &as_int)) {
+    return invalid_argument(op,
+                            std::string("attribute '") + name + "' must be a float, got an int");
+  }
+  return nullptr;
+}
+
+OrtStatus* check_2d(const char* op, const char* input, const char* dims,
+                    const std::vector<int64_t>& shape) {
+  if (shape.size() == 2) return nullptr;
+  return invalid_argument(op, std::string("input ") + input + " must be 2-D " + dims +
+                                  ", got shape " + shape_string(shape));
+}
+
+std::string features_mismatch(int64_t d, const char* input, int64_t got) {
+  return "input X has " + std::to_string(d) + " features per row but input " + input + " has " +
+         std::to_string(got);
+}
+
+Ort::ConstValue optional_input(Ort::KernelContext& ctx, size_t index) {
+  if (ctx.GetInputCount() > index) return ctx.GetInput(index);
+  return Ort::ConstValue{nullptr};
+}
+
+OrtStatus* check_labels_input(const char* op, const Ort::ConstValue& labels, int64_t n,
+                              ONNXTensorElementDataType* type) {
+  const Ort::TensorTypeAndShapeInfo info = labels.GetTensorTypeAndShapeInfo();
+  *type = info.GetElementType();
+  if (*type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
+      *type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
+    return invalid_argument(op, std::string("input labels must be int64 or int32, got ") +
+                                    type_name(*type));
+  }
+  const std::vector<int64_t> shape = info.GetShape();
+  if (shape.size() != 1 || shape[0] != n) {
+    return invalid_argument(op, "input labels must have shape (" + std::to_string(n) +
+                                    ",) to match X, got " + shape_string(shape));
+  }
+  return nullptr;
 }
 
 }  // namespace lsoftmax_ort

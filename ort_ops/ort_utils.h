@@ -64,6 +64,11 @@ inline bool try_attribute(const OrtKernelInfo* info, const char* name, float* va
   return false;
 }
 
+// Reads an optional float attribute into *value, which keeps its default when the node lacks it;
+// an int-typed one is a model error, not a default.
+OrtStatus* read_float_attribute(const OrtKernelInfo* info, const char* op, const char* name,
+                                float* value);
+
 template <typename T>
 constexpr ONNXTensorElementDataType onnx_type() {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> ||
@@ -78,6 +83,67 @@ constexpr ONNXTensorElementDataType onnx_type() {
 const char* type_name(ONNXTensorElementDataType t);
 
 std::string shape_string(const std::vector<int64_t>& shape);
+
+// "input NAME must be 2-D DIMS, got shape ..." unless `shape` has two dimensions.
+OrtStatus* check_2d(const char* op, const char* input, const char* dims,
+                    const std::vector<int64_t>& shape);
+
+// "input X has D features per row but input NAME has GOT": the start of the message for
+// inputs whose feature counts disagree.
+std::string features_mismatch(int64_t d, const char* input, int64_t got);
+
+// Input `index` of the node, or an empty value when that optional input is absent.
+Ort::ConstValue optional_input(Ort::KernelContext& ctx, size_t index);
+
+// The optional labels input: int64 or int32, shape (n,) to match X. Stores the element type.
+OrtStatus* check_labels_input(const char* op, const Ort::ConstValue& labels, int64_t n,
+                              ONNXTensorElementDataType* type);
+
+// ORT's Gemm computing Y = X B^T (trans_b) or X B, for CPU kernels. Op::Create applies no schema
+// defaults, so every attribute is given explicitly.
+template <typename T>
+Ort::Op make_gemm(const OrtKernelInfo* info, bool trans_b) {
+  const char* type_names[] = {"T"};
+  const ONNXTensorElementDataType types[] = {onnx_type<T>()};
+  const float alpha = 1.0f, beta = 0.0f;
+  const int64_t trans_a = 0, trans_b_attr = trans_b ? 1 : 0;
+  Ort::OpAttr attrs[] = {
+      Ort::OpAttr("alpha", &alpha, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
+      Ort::OpAttr("beta", &beta, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
+      Ort::OpAttr("transA", &trans_a, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+      Ort::OpAttr("transB", &trans_b_attr, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+  };
+  return Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attrs, 4, /*inputs=*/2,
+                         /*outputs=*/1);
+}
+
+// What the ai.lsoftmax ops declare alike: kInputs inputs of type T except the last, the optional
+// labels, which take any type here so that a wrong one gets a run-time error naming the input
+// rather than a graph error about a missing kernel; kOutputs outputs of type T. A CUDA-EP op
+// takes its labels as a CPU input, so they are checked on the host with no device sync.
+template <typename Op, typename Kernel, typename T, size_t kInputs, size_t kOutputs,
+          bool kCudaEp = false>
+struct LabelledOpBase : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
+  // Declare the oldest API whose OrtCustomOp fields we fill, so every runtime from that version
+  // on reads the op the same way (CustomOpBase would claim the headers' version).
+  LabelledOpBase() { OrtCustomOp::version = kMinOrtApiVersion; }
+  const char* GetExecutionProviderType() const {
+    return kCudaEp ? "CUDAExecutionProvider" : nullptr;
+  }
+  size_t GetInputTypeCount() const { return kInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index + 1 < kInputs ? onnx_type<T>() : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index + 1 == kInputs ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                                : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+  OrtMemType GetInputMemoryType(size_t index) const {
+    return kCudaEp && index + 1 == kInputs ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+  }
+  size_t GetOutputTypeCount() const { return kOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return onnx_type<T>(); }
+};
 
 // Runs `fn` (returning OrtStatus*) and turns any exception into a status, so nothing thrown
 // ever crosses the C boundary into the runtime.
