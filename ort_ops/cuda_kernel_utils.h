@@ -1,16 +1,43 @@
-// Pieces shared by CUDA-EP kernels (g++-compiled glue): scratch memory from ORT's own device
-// allocator and the host-side label check of labels declared as CPU inputs.
-// (lsoftmax_linear_cuda.cc has its own copies of both, which can move here.)
+// Pieces shared by CUDA-EP kernels (g++-compiled glue): the EP's cuBLAS handle, scratch memory
+// from ORT's own device allocator, device matrix views and the host-side check of labels
+// declared as CPU inputs.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
+#include "lsoftmax/lsoftmax_cuda.h"
 #include "ort_utils.h"
 
 namespace lsoftmax_ort {
+
+// KernelContext_GetResource ids of the CUDA EP (core/providers/cuda/cuda_resource.h, which the
+// 1.21 headers lack): the cuBLAS handle bound to the compute stream.
+constexpr int kCudaResourceVersion = 1;
+constexpr int kCudaResourceCublasHandle = 10002;
+
+// The cuBLAS handle the CUDA EP bound to its compute stream.
+inline OrtStatus* cublas_handle(OrtKernelContext* context, const char* op, void** handle) {
+  *handle = nullptr;
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_GetResource(
+      context, kCudaResourceVersion, kCudaResourceCublasHandle, handle));
+  if (*handle == nullptr) {
+    return make_status(ORT_RUNTIME_EXCEPTION,
+                       std::string(op) + ": the CUDA EP gave no cuBLAS handle");
+  }
+  return nullptr;
+}
+
+// A contiguous rows x cols device matrix of T (float or double) for the core's CUDA calls.
+template <typename T>
+lsoftmax::cuda::DeviceMatrix device_matrix(const void* p, int64_t rows, int64_t cols) {
+  using lsoftmax::cuda::DType;
+  return lsoftmax::cuda::DeviceMatrix{const_cast<void*>(p), rows, cols, cols, 1,
+                                      std::is_same_v<T, double> ? DType::kFloat64 : DType::kFloat32};
+}
 
 // One device block from ORT's allocator for a kernel's scratch buffers. Returned to the arena
 // when the kernel returns: ORT runs a session's CUDA kernels on one compute stream, so any later
@@ -69,6 +96,27 @@ OrtStatus* check_labels_on_host(const char* op, const L* labels, int64_t n, int6
     }
   }
   return nullptr;
+}
+
+// The same for a labels input that check_labels_input accepted (int64 or int32).
+inline OrtStatus* check_labels_on_host(const char* op, const Ort::ConstValue& labels,
+                                       ONNXTensorElementDataType type, int64_t n, int64_t c) {
+  return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+             ? check_labels_on_host(op, labels.GetTensorData<int64_t>(), n, c)
+             : check_labels_on_host(op, labels.GetTensorData<int32_t>(), n, c);
+}
+
+// The core's view of such labels once uploaded to `data`, and their size in bytes.
+inline lsoftmax::cuda::DeviceLabels device_labels(const void* data, ONNXTensorElementDataType type,
+                                                  int64_t n) {
+  return lsoftmax::cuda::DeviceLabels{data, n, 1,
+                                      type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                                          ? lsoftmax::cuda::LabelType::kInt64
+                                          : lsoftmax::cuda::LabelType::kInt32};
+}
+
+inline size_t label_bytes(ONNXTensorElementDataType type, int64_t n) {
+  return static_cast<size_t>(n) * (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 ? 8 : 4);
 }
 
 }  // namespace lsoftmax_ort
