@@ -1,23 +1,28 @@
 // Parsing of the CUDA entry points' raw arguments: a matrix is (ptr, rows, cols, row_stride,
 // col_stride, dtype) and labels (ptr, size, stride, dtype), pointers as ints, strides in
-// elements, dtypes by name. Shared by the bindings of the CUDA launchers (L-GM for now; the
-// L-Softmax binding in cuda_bindings.cc has its own copy that can move here).
+// elements, dtypes by name. Shared by the bindings of the CUDA launchers (L-Softmax in
+// cuda_bindings.cc, L-GM in lgm_bindings.cc). The spec types exist without CUDA too, for the
+// stand-ins that raise.
 #pragma once
-
-#ifdef LSOFTMAX_WITH_CUDA
-
-#include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <string>
 #include <tuple>
 
-#include "lsoftmax/lsoftmax_cuda.h"
-
 namespace lsoftmax::python::cuda_args {
 
 using MatrixSpec = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t, std::string>;
 using LabelSpec = std::tuple<uintptr_t, int64_t, int64_t, std::string>;
+
+}  // namespace lsoftmax::python::cuda_args
+
+#ifdef LSOFTMAX_WITH_CUDA
+
+#include <pybind11/pybind11.h>
+
+#include "lsoftmax/lsoftmax_cuda.h"
+
+namespace lsoftmax::python::cuda_args {
 
 inline cuda::DType dtype(const char* name, const std::string& s) {
   if (s == "float32") return cuda::DType::kFloat32;

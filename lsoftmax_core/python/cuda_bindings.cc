@@ -16,6 +16,7 @@
 
 #include "array_views.h"
 #include "bindings.h"
+#include "cuda_args.h"
 #include "lsoftmax/lsoftmax.h"
 #include "lsoftmax/lsoftmax_cuda.h"  // declarations only: the launchers exist with CUDA
 #include "lsoftmax/schedules.h"
@@ -25,8 +26,8 @@ namespace py = pybind11;
 namespace lsoftmax::python {
 namespace {
 
-using MatrixSpec = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t, std::string>;
-using LabelSpec = std::tuple<uintptr_t, int64_t, int64_t, std::string>;
+using cuda_args::LabelSpec;
+using cuda_args::MatrixSpec;
 
 ScheduleSpec schedule_of(const std::string& kind, const std::vector<double>& params) {
   ScheduleSpec spec;
@@ -44,44 +45,7 @@ int64_t margin_arg(const py::handle& margin) {
 
 #ifdef LSOFTMAX_WITH_CUDA
 
-cuda::DType dtype_of(const char* name, const std::string& s) {
-  if (s == "float32") return cuda::DType::kFloat32;
-  if (s == "float64") return cuda::DType::kFloat64;
-  if (s == "float16") return cuda::DType::kFloat16;
-  if (s == "bfloat16") return cuda::DType::kBFloat16;
-  throw py::type_error(std::string(name) + " must be float32, float64, float16 or bfloat16, got " +
-                       s);
-}
-
-cuda::DeviceMatrix matrix(const char* name, const MatrixSpec& spec) {
-  cuda::DeviceMatrix m;
-  m.data = reinterpret_cast<void*>(std::get<0>(spec));
-  m.rows = std::get<1>(spec);
-  m.cols = std::get<2>(spec);
-  m.row_stride = std::get<3>(spec);
-  m.col_stride = std::get<4>(spec);
-  m.dtype = dtype_of(name, std::get<5>(spec));
-  if (m.rows < 0 || m.cols < 0) throw py::value_error(std::string(name) + " has a negative size");
-  return m;
-}
-
-cuda::DeviceLabels labels_of(const LabelSpec& spec) {
-  cuda::DeviceLabels l;
-  l.data = reinterpret_cast<const void*>(std::get<0>(spec));
-  l.size = std::get<1>(spec);
-  l.stride = std::get<2>(spec);
-  const std::string& dt = std::get<3>(spec);
-  if (dt == "int32") {
-    l.type = cuda::LabelType::kInt32;
-  } else if (dt == "int64") {
-    l.type = cuda::LabelType::kInt64;
-  } else {
-    throw py::type_error("labels must be int32 or int64, got " + dt);
-  }
-  return l;
-}
-
-void* stream_of(uintptr_t s) { return reinterpret_cast<void*>(s); }
+using cuda_args::matrix;
 
 // Error path only: copies the labels to the host to name the first bad one, as the CPU core does.
 std::string bad_label_message(const cuda::DeviceLabels& l, int64_t num_classes, void* stream) {
@@ -144,11 +108,11 @@ void forward_py(const MatrixSpec& logits, const MatrixSpec& x, const MatrixSpec&
   const int64_t margin = margin_arg(margin_obj);
   const auto lv = matrix("logits", logits);
   const auto xv = matrix("x", x), wv = matrix("weight", w);
-  const auto yv = labels_of(labels);
+  const auto yv = cuda_args::labels(labels);
   const auto* dev_lam = reinterpret_cast<const double*>(lam_ptr);
   if (dev_lam != nullptr) lam = 0.0;  // the device value is the one used
   raise_if_error(cuda::check_forward_args(lv, xv, wv, yv, margin, lam));
-  void* st = stream_of(stream);
+  void* st = cuda_args::ptr(stream);
   with_label_check(check_labels, error_flag, yv, wv.rows, st, [&](int32_t* flag) {
     return cuda::margin_forward(lv, xv, wv, yv, margin, lam, flag, st, dev_lam);
   });
@@ -162,11 +126,11 @@ void backward_py(const MatrixSpec& grad, const MatrixSpec& x, const MatrixSpec& 
   const int64_t margin = margin_arg(margin_obj);
   const auto gv = matrix("grad_logits", grad), xv = matrix("x", x), wv = matrix("weight", w);
   const auto gxv = matrix("grad_x", grad_x), gwv = matrix("grad_weight", grad_w);
-  const auto yv = labels_of(labels);
+  const auto yv = cuda_args::labels(labels);
   const auto* dev_lam = reinterpret_cast<const double*>(lam_ptr);
   if (dev_lam != nullptr) lam = 0.0;  // the device value is the one used
   raise_if_error(cuda::check_backward_args(gv, xv, wv, yv, gxv, gwv, margin, lam));
-  void* st = stream_of(stream);
+  void* st = cuda_args::ptr(stream);
   // Without a caller workspace the segmented path borrows stream-ordered scratch memory.
   void* ws = reinterpret_cast<void*>(workspace);
   size_t ws_bytes = workspace_bytes;
@@ -197,7 +161,7 @@ void schedule_py(const std::string& kind, const std::vector<double>& params, uin
   {
     py::gil_scoped_release release;
     s = cuda::evaluate_schedule(spec, reinterpret_cast<const int64_t*>(step),
-                                reinterpret_cast<double*>(out), stream_of(stream));
+                                reinterpret_cast<double*>(out), cuda_args::ptr(stream));
   }
   raise_if_error(s);
 }
@@ -205,8 +169,8 @@ void schedule_py(const std::string& kind, const std::vector<double>& params, uin
 size_t workspace_size_py(int64_t n, int64_t num_classes, const std::string& dtype,
                          bool deterministic) {
   size_t bytes = 0;
-  raise_if_error(cuda::margin_backward_workspace_size(n, num_classes, dtype_of("dtype", dtype),
-                                                      deterministic, &bytes));
+  raise_if_error(cuda::margin_backward_workspace_size(
+      n, num_classes, cuda_args::dtype("dtype", dtype), deterministic, &bytes));
   return bytes;
 }
 
