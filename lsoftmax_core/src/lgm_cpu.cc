@@ -8,35 +8,26 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "parallel.h"
 
 namespace lsoftmax {
 namespace {
 
-std::string shape_str(int64_t r, int64_t c) {
-  return "(" + std::to_string(r) + ", " + std::to_string(c) + ")";
-}
+using detail::shape_str;
 
 template <typename T>
 Status check_shape(const char* name, const MatrixView<T>& m, int64_t rows, int64_t cols) {
-  if (m.rows == rows && m.cols == cols) return Status::Ok();
-  return Status::InvalidArgument(std::string(name) + " has shape " + shape_str(m.rows, m.cols) +
-                                 ", expected " + shape_str(rows, cols));
+  return detail::check_shape(name, m.rows, m.cols, rows, cols);
 }
 
 // log_var is (C, D) for diagonal variances or (C, 1) for isotropic ones; with D = 1 both read
 // the same and the diagonal path is taken.
 template <typename T>
 Status check_params(const MatrixView<const T>& means, const MatrixView<const T>& log_var) {
-  if (means.rows < 1 || means.cols < 1) {
-    return Status::InvalidArgument("means must be (num_classes, feat_dim) with both >= 1, got " +
-                                   shape_str(means.rows, means.cols));
-  }
-  if (log_var.rows != means.rows || (log_var.cols != means.cols && log_var.cols != 1)) {
-    return Status::InvalidArgument(
-        "log_var has shape " + shape_str(log_var.rows, log_var.cols) + " but means has " +
-        shape_str(means.rows, means.cols) + "; log_var must be (C, D) or (C, 1)");
-  }
+  const Status s =
+      detail::check_lgm_param_shapes(means.rows, means.cols, log_var.rows, log_var.cols);
+  if (!s.ok()) return s;
   for (int64_t k = 0; k < log_var.rows; ++k) {
     for (int64_t j = 0; j < log_var.cols; ++j) {
       if (!std::isfinite(static_cast<double>(log_var(k, j)))) {
@@ -50,27 +41,14 @@ Status check_params(const MatrixView<const T>& means, const MatrixView<const T>&
 
 template <typename T>
 Status check_x(const MatrixView<const T>& x, const MatrixView<const T>& means) {
-  if (x.cols == means.cols) return Status::Ok();
-  return Status::InvalidArgument("x has " + std::to_string(x.cols) +
-                                 " features per row but means has " + std::to_string(means.cols) +
-                                 " (means must be (num_classes, feat_dim))");
+  return detail::check_lgm_features(x.cols, means.cols);
 }
 
 template <typename L>
 Status check_labels(const LabelView<L>& labels, int64_t n, int64_t num_classes) {
   if (labels.data == nullptr) return Status::Ok();
-  if (labels.size != n) {
-    return Status::InvalidArgument("labels has " + std::to_string(labels.size) +
-                                   " entries but x has " + std::to_string(n) + " rows");
-  }
-  for (int64_t i = 0; i < labels.size; ++i) {
-    const int64_t y = static_cast<int64_t>(labels[i]);
-    if (y < 0 || y >= num_classes) {
-      return Status::InvalidArgument("labels[" + std::to_string(i) + "] = " + std::to_string(y) +
-                                     " is out of range [0, " + std::to_string(num_classes) + ")");
-    }
-  }
-  return Status::Ok();
+  const Status s = detail::check_label_count(labels.size, n);
+  return s.ok() ? detail::check_label_range(labels, num_classes) : s;
 }
 
 Status validate_nonneg(const char* name, double v) {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "lsoftmax/lsoftmax.h"
+#include "checks.h"
 #include "lsoftmax/margin_math.h"
 #include "parallel.h"
 
@@ -136,23 +137,8 @@ Status check_shapes(const MatrixView<const T>& x, const MatrixView<const T>& w, 
                                    " features per row but weight has " + std::to_string(w.cols) +
                                    " (weight must be (num_classes, in_features))");
   }
-  if (n_labels != x.rows) {
-    return Status::InvalidArgument("labels has " + std::to_string(n_labels) +
-                                   " entries but x has " + std::to_string(x.rows) + " rows");
-  }
+  if (Status s = detail::check_label_count(n_labels, x.rows); !s.ok()) return s;
   if (w.rows < 1) return Status::InvalidArgument("weight must have at least one class (row)");
-  return Status::Ok();
-}
-
-template <typename L>
-Status check_labels(const LabelView<L>& labels, int64_t num_classes) {
-  for (int64_t i = 0; i < labels.size; ++i) {
-    const int64_t y = static_cast<int64_t>(labels[i]);
-    if (y < 0 || y >= num_classes) {
-      return Status::InvalidArgument("labels[" + std::to_string(i) + "] = " + std::to_string(y) +
-                                     " is out of range [0, " + std::to_string(num_classes) + ")");
-    }
-  }
   return Status::Ok();
 }
 
@@ -161,16 +147,13 @@ Status check_all(const MatrixView<const T>& x, const MatrixView<const T>& w,
                  const LabelView<L>& labels, int64_t margin, double lambda) {
   Status s = validate_margin_params(margin, lambda);
   if (s.ok()) s = check_shapes(x, w, labels.size);
-  if (s.ok()) s = check_labels(labels, w.rows);
+  if (s.ok()) s = detail::check_label_range(labels, w.rows);
   return s;
 }
 
 template <typename T>
 Status check_matrix(const char* name, const MatrixView<T>& m, int64_t rows, int64_t cols) {
-  if (m.rows == rows && m.cols == cols) return Status::Ok();
-  return Status::InvalidArgument(std::string(name) + " has shape (" + std::to_string(m.rows) +
-                                 ", " + std::to_string(m.cols) + "), expected (" +
-                                 std::to_string(rows) + ", " + std::to_string(cols) + ")");
+  return detail::check_shape(name, m.rows, m.cols, rows, cols);
 }
 
 }  // namespace
