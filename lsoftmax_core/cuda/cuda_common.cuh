@@ -1,16 +1,34 @@
-// Shared pieces of the CUDA core: error conversion, dtype dispatch, element access.
+// Shared pieces of the CUDA core: error conversion, dtype dispatch, element access, warp sums,
+// workspace alignment and the host-side checks of device matrices.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
+#include "../src/checks.h"
 #include "lsoftmax/lsoftmax_cuda.h"
 
 namespace lsoftmax::cuda::detail {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Alignment of every piece carved out of a caller's workspace.
+constexpr size_t kAlign = 256;
+
+inline size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+
+// Sum over the warp. Butterfly: lanes l and l^off add the same two values (commutative), so
+// every lane ends with the same bits and control flow that depends on the sum stays uniform.
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
 
 // cudaSuccess -> Ok; anything else -> RuntimeError naming the step and the CUDA error.
 Status cuda_status(cudaError_t err, const char* what);
@@ -65,6 +83,25 @@ struct Mat {
 template <typename T>
 Mat<T> mat(const DeviceMatrix& m) {
   return Mat<T>{static_cast<T*>(m.data), m.row_stride, m.col_stride};
+}
+
+// `name` must be rows x cols of `dtype` (the dtype of what `reference` names), with
+// non-negative strides and data unless it is empty.
+inline Status check_matrix(const char* name, const DeviceMatrix& m, int64_t rows, int64_t cols,
+                           DType dtype, const char* reference) {
+  const Status s = lsoftmax::detail::check_shape(name, m.rows, m.cols, rows, cols);
+  if (!s.ok()) return s;
+  if (m.dtype != dtype) {
+    return Status::InvalidArgument(std::string(name) + " is " + dtype_name(m.dtype) + " but " +
+                                   reference + " is " + dtype_name(dtype) + "; they must match");
+  }
+  if (m.row_stride < 0 || m.col_stride < 0) {
+    return Status::InvalidArgument(std::string(name) + " has a negative stride");
+  }
+  if (m.data == nullptr && rows * cols > 0) {
+    return Status::InvalidArgument(std::string(name) + " is a null pointer");
+  }
+  return Status::Ok();
 }
 
 // Calls f(Tag<T>{}, Tag<L>{}) for the (element, label) types named at run time.

@@ -13,13 +13,12 @@
 //     thread per (class, feature) sums its class's rows in sample order; isotropic brackets are
 //     then summed over features by one warp per class.
 // Every sum has an order fixed by the shapes alone, so results are bitwise reproducible.
-#include <cub/device/device_radix_sort.cuh>
-
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <string>
 
+#include "class_sort.cuh"
 #include "cuda_common.cuh"
 #include "lsoftmax/lgm.h"  // validate_lgm_alpha
 #include "lsoftmax/lgm_cuda.h"
@@ -28,10 +27,14 @@
 namespace lsoftmax::cuda {
 namespace {
 
+using detail::align_up;
+using detail::kAlign;
+using detail::kFullMask;
+using detail::kWarp;
 using detail::Mat;
 using detail::mat;
+using detail::warp_sum;
 
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kBlockThreads = kWarp * kWarpsPerBlock;
 constexpr int kColTile = 32;       // classes per column-sum block (x)
@@ -39,19 +42,6 @@ constexpr int kColRows = 8;        // row lanes per column-sum block (y)
 constexpr int64_t kChunkRows = 256;  // rows per column-sum partial
 constexpr int kFeatThreads = 128;  // features per class-gradient block
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr size_t kAlign = 256;
-
-__device__ __forceinline__ double warp_sum(double v) {
-  // Butterfly: every lane adds the same two values, so all lanes end with the same bits.
-  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
-}
-
-__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v) {
-  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
-}
 
 // Warp arg-max of (score, class) pairs in the order lgm_prediction_better() defines.
 __device__ __forceinline__ void warp_argmax(double* v, long long* k) {
@@ -212,7 +202,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     // Every lane but the label's holds 0, and adding zeros is exact.
     d_target = warp_sum(d_target);
     warp_argmax(&best_v, &best_k);
-    n_dir = warp_sum_u64(n_dir);
+    n_dir = warp_sum(n_dir);
     if (lane == 0) {
       double ll = best_v;
       if (bad) {
@@ -447,14 +437,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // --- host side -----------------------------------------------------------------------------
 
-size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-
-int key_bits(int64_t c) {
-  int bits = 1;
-  while (bits < 32 && (int64_t{1} << bits) <= c) ++bits;  // keys are in [0, c]
-  return bits;
-}
-
 int64_t chunk_count(int64_t n) { return (n + kChunkRows - 1) / kChunkRows; }
 
 // The backward workspace: the coefficient step's column partials, then (reusing the same bytes)
@@ -493,37 +475,12 @@ size_t coeff_workspace_bytes(int64_t n, int64_t c) {
 Status sort_storage_bytes(int64_t n, int64_t c, size_t* bytes) {
   *bytes = 0;
   if (n == 0) return Status::Ok();
-  return detail::cuda_status(
-      cub::DeviceRadixSort::SortPairs(nullptr, *bytes, static_cast<const uint32_t*>(nullptr),
-                                      static_cast<uint32_t*>(nullptr),
-                                      static_cast<const int32_t*>(nullptr),
-                                      static_cast<int32_t*>(nullptr), static_cast<int>(n), 0,
-                                      key_bits(c), cudaStream_t{}),
-      "cub::DeviceRadixSort (workspace query)");
-}
-
-std::string shape_str(int64_t r, int64_t c) {
-  return "(" + std::to_string(r) + ", " + std::to_string(c) + ")";
+  return detail::sort_storage_bytes(n, c, bytes);
 }
 
 Status check_matrix(const char* name, const DeviceMatrix& m, int64_t rows, int64_t cols,
                     DType dtype) {
-  if (m.rows != rows || m.cols != cols) {
-    return Status::InvalidArgument(std::string(name) + " has shape " + shape_str(m.rows, m.cols) +
-                                   ", expected " + shape_str(rows, cols));
-  }
-  if (m.dtype != dtype) {
-    return Status::InvalidArgument(std::string(name) + " is " + dtype_name(m.dtype) +
-                                   " but the call's dtype is " + dtype_name(dtype) +
-                                   "; they must match");
-  }
-  if (m.row_stride < 0 || m.col_stride < 0) {
-    return Status::InvalidArgument(std::string(name) + " has a negative stride");
-  }
-  if (m.data == nullptr && rows * cols > 0) {
-    return Status::InvalidArgument(std::string(name) + " is a null pointer");
-  }
-  return Status::Ok();
+  return detail::check_matrix(name, m, rows, cols, dtype, "the call's dtype");
 }
 
 Status check_vector(const char* name, const void* p, int64_t size) {
@@ -541,36 +498,23 @@ Status check_dtype(const DeviceMatrix& ref) {
 Status check_params(const DeviceMatrix& means, const DeviceMatrix& log_var) {
   Status s = check_dtype(means);
   if (!s.ok()) return s;
-  if (means.rows < 1 || means.cols < 1) {
-    return Status::InvalidArgument("means must be (num_classes, feat_dim) with both >= 1, got " +
-                                   shape_str(means.rows, means.cols));
-  }
-  if (log_var.rows != means.rows || (log_var.cols != means.cols && log_var.cols != 1)) {
-    return Status::InvalidArgument(
-        "log_var has shape " + shape_str(log_var.rows, log_var.cols) + " but means has " +
-        shape_str(means.rows, means.cols) + "; log_var must be (C, D) or (C, 1)");
-  }
+  s = lsoftmax::detail::check_lgm_param_shapes(means.rows, means.cols, log_var.rows,
+                                               log_var.cols);
+  if (!s.ok()) return s;
   s = check_matrix("means", means, means.rows, means.cols, means.dtype);
   if (s.ok()) s = check_matrix("log_var", log_var, log_var.rows, log_var.cols, means.dtype);
   return s;
 }
 
 Status check_x(const DeviceMatrix& x, const DeviceMatrix& means) {
-  if (x.cols != means.cols) {
-    return Status::InvalidArgument("x has " + std::to_string(x.cols) +
-                                   " features per row but means has " +
-                                   std::to_string(means.cols) +
-                                   " (means must be (num_classes, feat_dim))");
-  }
-  return check_matrix("x", x, x.rows, x.cols, means.dtype);
+  const Status s = lsoftmax::detail::check_lgm_features(x.cols, means.cols);
+  return s.ok() ? check_matrix("x", x, x.rows, x.cols, means.dtype) : s;
 }
 
 Status check_labels(const DeviceLabels& labels, int64_t n) {
   if (labels.data == nullptr) return Status::Ok();  // no labels
-  if (labels.size != n) {
-    return Status::InvalidArgument("labels has " + std::to_string(labels.size) +
-                                   " entries but x has " + std::to_string(n) + " rows");
-  }
+  const Status s = lsoftmax::detail::check_label_count(labels.size, n);
+  if (!s.ok()) return s;
   if (labels.stride < 0) return Status::InvalidArgument("labels has a negative stride");
   return Status::Ok();
 }
@@ -816,9 +760,8 @@ Status lgm_backward_assemble(const DeviceMatrix& x, const DeviceMatrix& means,
       if (!r.ok()) return r;
       size_t bytes = sort_bytes;
       r = detail::cuda_status(
-          cub::DeviceRadixSort::SortPairs(ws.sort_storage, bytes, ws.keys_in, ws.keys_out,
-                                          ws.rows_in, ws.rows_out, static_cast<int>(n), 0,
-                                          key_bits(c), st),
+          detail::sort_rows_by_class(ws.sort_storage, bytes, ws.keys_in, ws.keys_out,
+                                     ws.rows_in, ws.rows_out, n, c, st),
           "cub::DeviceRadixSort");
       if (!r.ok()) return r;
     }

@@ -8,13 +8,12 @@
 //   - grad_w scatter: atomics from the per-row kernel, or (deterministic / 16-bit dtypes) a
 //     stable radix sort of the rows by class followed by one thread per (class, column) summing
 //     the class's rows in sample order.
-#include <cub/device/device_radix_sort.cuh>
-
 #include <algorithm>
 #include <climits>
 #include <string>
 #include <type_traits>
 
+#include "class_sort.cuh"
 #include "cuda_common.cuh"
 #include "lsoftmax/lsoftmax.h"
 #include "lsoftmax/margin_math.h"
@@ -23,26 +22,21 @@ namespace lsoftmax::cuda {
 namespace {
 
 using detail::Acc;
+using detail::align_up;
 using detail::from_acc;
+using detail::kAlign;
+using detail::kWarp;
 using detail::Mat;
 using detail::mat;
+using detail::sort_storage_bytes;
 using detail::Tag;
 using detail::to_acc;
+using detail::warp_sum;
 
-constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;
 constexpr int kRowThreads = kWarp * kRowsPerBlock;
 constexpr int kScatterThreads = 128;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride loops cover the rest
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr size_t kAlign = 256;
-
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-  // Butterfly: lanes l and l^off add the same two values (commutative), so all lanes agree.
-  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
-}
 
 __device__ __forceinline__ void raise_flag(int32_t* flag, int32_t bit = kFlagBadLabel) {
   if (flag != nullptr) atomicOr(flag, bit);
@@ -194,14 +188,6 @@ int grid_rows(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kRowsPerBlock - 1) / kRowsPerBlock, kMaxBlocks));
 }
 
-int key_bits(int64_t c) {
-  int bits = 1;
-  while (bits < 32 && (int64_t{1} << bits) <= c) ++bits;  // keys are in [0, c]
-  return bits;
-}
-
-size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-
 // Carves the segmented-scatter buffers out of one workspace.
 struct SegmentWorkspace {
   uint32_t* keys_in = nullptr;
@@ -235,40 +221,11 @@ struct SegmentWorkspace {
   }
 };
 
-Status sort_storage_bytes(int64_t n, int64_t c, size_t* bytes) {
-  *bytes = 0;
-  return detail::cuda_status(
-      cub::DeviceRadixSort::SortPairs(nullptr, *bytes, static_cast<const uint32_t*>(nullptr),
-                                      static_cast<uint32_t*>(nullptr),
-                                      static_cast<const int32_t*>(nullptr),
-                                      static_cast<int32_t*>(nullptr), static_cast<int>(n), 0,
-                                      key_bits(c), cudaStream_t{}),
-      "cub::DeviceRadixSort (workspace query)");
-}
-
 size_t acc_size(DType dt) { return dt == DType::kFloat64 ? sizeof(double) : sizeof(float); }
-
-std::string shape_str(int64_t r, int64_t c) {
-  return "(" + std::to_string(r) + ", " + std::to_string(c) + ")";
-}
 
 Status check_matrix(const char* name, const DeviceMatrix& m, int64_t rows, int64_t cols,
                     DType dtype) {
-  if (m.rows != rows || m.cols != cols) {
-    return Status::InvalidArgument(std::string(name) + " has shape " + shape_str(m.rows, m.cols) +
-                                   ", expected " + shape_str(rows, cols));
-  }
-  if (m.dtype != dtype) {
-    return Status::InvalidArgument(std::string(name) + " is " + dtype_name(m.dtype) + " but x is " +
-                                   dtype_name(dtype) + "; they must match");
-  }
-  if (m.row_stride < 0 || m.col_stride < 0) {
-    return Status::InvalidArgument(std::string(name) + " has a negative stride");
-  }
-  if (m.data == nullptr && rows * cols > 0) {
-    return Status::InvalidArgument(std::string(name) + " is a null pointer");
-  }
-  return Status::Ok();
+  return detail::check_matrix(name, m, rows, cols, dtype, "x");
 }
 
 Status check_common(const DeviceMatrix& x, const DeviceMatrix& w, const DeviceLabels& labels,
@@ -423,9 +380,8 @@ Status margin_backward(const DeviceMatrix& grad_logits, const DeviceMatrix& x,
     if (!st.ok()) return st;
     size_t bytes = ws.sort_bytes;
     st = detail::cuda_status(
-        cub::DeviceRadixSort::SortPairs(ws.sort_storage, bytes, ws.keys_in, ws.keys_out,
-                                        ws.rows_in, ws.rows_out, static_cast<int>(n), 0,
-                                        key_bits(c), cu_stream),
+        detail::sort_rows_by_class(ws.sort_storage, bytes, ws.keys_in, ws.keys_out, ws.rows_in,
+                                   ws.rows_out, n, c, cu_stream),
         "cub::DeviceRadixSort");
     if (!st.ok()) return st;
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(n, kMaxBlocks)),
