@@ -60,15 +60,10 @@ OrtStatus* LGMLogitsCudaKernel<T>::ComputeV2(OrtKernelContext* context) {
   return guarded(kLGMLogits, [&]() -> OrtStatus* {
     kernel_calls().fetch_add(1, std::memory_order_relaxed);
     Ort::KernelContext ctx(context);
-    const Ort::ConstValue x = ctx.GetInput(0);
-    const Ort::ConstValue means = ctx.GetInput(1);
-    const Ort::ConstValue log_var = ctx.GetInput(2);
-    const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> ms = means.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> ls = log_var.GetTensorTypeAndShapeInfo().GetShape();
-    if (OrtStatus* bad = check_2d(kLGMLogits, "X", "(N, D)", xs)) return bad;
-    if (OrtStatus* bad = check_2d(kLGMLogits, "means", "(C, D)", ms)) return bad;
-    if (OrtStatus* bad = check_2d(kLGMLogits, "log_var", "(C, D) or (C, 1)", ls)) return bad;
+    LGMLogitsInputs in;
+    if (OrtStatus* bad = ReadLGMLogitsInputs(ctx, &in)) return bad;
+    const Ort::ConstValue &x = in.x, &means = in.means, &log_var = in.log_var;
+    const std::vector<int64_t> &xs = in.xs, &ms = in.ms, &ls = in.ls;
     const int64_t n = xs[0], d = xs[1], c = ms[0], dv = ls[1];
     if (ms[1] != d) return invalid_argument(kLGMLogits, features_mismatch(d, "means", ms[1]));
     const Ort::ConstValue labels = optional_input(ctx, 3);

@@ -23,15 +23,10 @@ OrtStatus* LGMLogitsKernel<T>::ComputeV2(OrtKernelContext* context) {
   return guarded(kLGMLogits, [&]() -> OrtStatus* {
     kernel_calls().fetch_add(1, std::memory_order_relaxed);
     Ort::KernelContext ctx(context);
-    const Ort::ConstValue x = ctx.GetInput(0);
-    const Ort::ConstValue means = ctx.GetInput(1);
-    const Ort::ConstValue log_var = ctx.GetInput(2);
-    const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> ms = means.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> ls = log_var.GetTensorTypeAndShapeInfo().GetShape();
-    if (OrtStatus* bad = check_2d(kLGMLogits, "X", "(N, D)", xs)) return bad;
-    if (OrtStatus* bad = check_2d(kLGMLogits, "means", "(C, D)", ms)) return bad;
-    if (OrtStatus* bad = check_2d(kLGMLogits, "log_var", "(C, D) or (C, 1)", ls)) return bad;
+    LGMLogitsInputs in;
+    if (OrtStatus* bad = ReadLGMLogitsInputs(ctx, &in)) return bad;
+    const Ort::ConstValue &x = in.x, &means = in.means, &log_var = in.log_var;
+    const std::vector<int64_t> &xs = in.xs, &ms = in.ms, &ls = in.ls;
     const int64_t n = xs[0], d = xs[1], c = ms[0], dv = ls[1];
     const Ort::ConstValue labels = optional_input(ctx, 3);
     ONNXTensorElementDataType label_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
@@ -104,6 +99,18 @@ OrtStatus* LGMLogitsKernel<T>::ComputeV2(OrtKernelContext* context) {
     }
     return to_ort_status(kLGMLogits, s);
   });
+}
+
+OrtStatus* ReadLGMLogitsInputs(Ort::KernelContext& ctx, LGMLogitsInputs* in) {
+  in->x = ctx.GetInput(0);
+  in->means = ctx.GetInput(1);
+  in->log_var = ctx.GetInput(2);
+  in->xs = in->x.GetTensorTypeAndShapeInfo().GetShape();
+  in->ms = in->means.GetTensorTypeAndShapeInfo().GetShape();
+  in->ls = in->log_var.GetTensorTypeAndShapeInfo().GetShape();
+  if (OrtStatus* bad = check_2d(kLGMLogits, "X", "(N, D)", in->xs)) return bad;
+  if (OrtStatus* bad = check_2d(kLGMLogits, "means", "(C, D)", in->ms)) return bad;
+  return check_2d(kLGMLogits, "log_var", "(C, D) or (C, 1)", in->ls);
 }
 
 OrtStatus* ReadLGMLogitsAttributes(const OrtKernelInfo* info, double* alpha_out,

@@ -44,6 +44,14 @@ struct LGMLogitsOp
   const char* GetName() const { return kLGMLogits; }
 };
 
+// One call's tensor inputs with the first checks both kernels (CPU and CUDA EP) make: X, means
+// and log_var 2-D. Their shapes are xs, ms, ls.
+struct LGMLogitsInputs {
+  Ort::ConstValue x{nullptr}, means{nullptr}, log_var{nullptr};
+  std::vector<int64_t> xs, ms, ls;
+};
+OrtStatus* ReadLGMLogitsInputs(Ort::KernelContext& ctx, LGMLogitsInputs* in);
+
 // Reads and checks the attributes (alpha, include_logdet) for the CPU and CUDA-EP kernels.
 OrtStatus* ReadLGMLogitsAttributes(const OrtKernelInfo* info, double* alpha, bool* include_logdet);
 

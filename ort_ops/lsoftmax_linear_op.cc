@@ -53,22 +53,11 @@ OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
   return guarded(kLSoftmaxLinear, [&]() -> OrtStatus* {
     kernel_calls().fetch_add(1, std::memory_order_relaxed);
     Ort::KernelContext ctx(context);
-    const Ort::ConstValue x = ctx.GetInput(0);
-    const Ort::ConstValue w = ctx.GetInput(1);
-    const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> ws = w.GetTensorTypeAndShapeInfo().GetShape();
-    if (OrtStatus* bad = check_2d(kLSoftmaxLinear, "X", "(N, D)", xs)) return bad;
-    if (OrtStatus* bad = check_2d(kLSoftmaxLinear, "W", "(C, D)", ws)) return bad;
-    const int64_t n = xs[0], d = xs[1], c = ws[0];
-    if (ws[1] != d) {
-      return invalid_argument(kLSoftmaxLinear, features_mismatch(d, "W", ws[1]) +
-                                                   " (W must be (num_classes, in_features))");
-    }
-    const Ort::ConstValue labels = optional_input(ctx, 2);
-    ONNXTensorElementDataType label_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-    if (labels) {
-      if (OrtStatus* bad = check_labels_input(kLSoftmaxLinear, labels, n, &label_type)) return bad;
-    }
+    LSoftmaxLinearInputs in;
+    if (OrtStatus* bad = ReadLSoftmaxLinearInputs(ctx, &in)) return bad;
+    const Ort::ConstValue &x = in.x, &w = in.w, &labels = in.labels;
+    const int64_t n = in.n, d = in.d, c = in.c;
+    const ONNXTensorElementDataType label_type = in.label_type;
 
     Ort::UnownedValue y = ctx.GetOutput(0, {n, c});
     if (n == 0 || c == 0) return nullptr;
@@ -99,6 +88,25 @@ OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
     return apply_margin<T, int32_t>(xp, wp, labels.GetTensorData<int32_t>(), out, n, d, c,
                                     margin_, lambda_);
   });
+}
+
+OrtStatus* ReadLSoftmaxLinearInputs(Ort::KernelContext& ctx, LSoftmaxLinearInputs* in) {
+  in->x = ctx.GetInput(0);
+  in->w = ctx.GetInput(1);
+  const std::vector<int64_t> xs = in->x.GetTensorTypeAndShapeInfo().GetShape();
+  const std::vector<int64_t> ws = in->w.GetTensorTypeAndShapeInfo().GetShape();
+  if (OrtStatus* bad = check_2d(kLSoftmaxLinear, "X", "(N, D)", xs)) return bad;
+  if (OrtStatus* bad = check_2d(kLSoftmaxLinear, "W", "(C, D)", ws)) return bad;
+  in->n = xs[0];
+  in->d = xs[1];
+  in->c = ws[0];
+  if (ws[1] != in->d) {
+    return invalid_argument(kLSoftmaxLinear, features_mismatch(in->d, "W", ws[1]) +
+                                                 " (W must be (num_classes, in_features))");
+  }
+  in->labels = optional_input(ctx, 2);
+  if (!in->labels) return nullptr;
+  return check_labels_input(kLSoftmaxLinear, in->labels, in->n, &in->label_type);
 }
 
 OrtStatus* ReadLSoftmaxLinearAttributes(const OrtKernelInfo* info, int64_t* margin_out,

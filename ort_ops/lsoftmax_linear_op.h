@@ -45,6 +45,15 @@ struct LSoftmaxLinearOp
   const char* GetName() const { return kLSoftmaxLinear; }
 };
 
+// One call's inputs after the checks both kernels (CPU and CUDA EP) make, in their order: X
+// (N, D), W (C, D) and the optional labels, int64 or int32 of shape (N,).
+struct LSoftmaxLinearInputs {
+  Ort::ConstValue x{nullptr}, w{nullptr}, labels{nullptr};
+  int64_t n = 0, d = 0, c = 0;
+  ONNXTensorElementDataType label_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+};
+OrtStatus* ReadLSoftmaxLinearInputs(Ort::KernelContext& ctx, LSoftmaxLinearInputs* in);
+
 // Reads and checks the attributes (margin, lambda) for the CPU and CUDA-EP kernels.
 OrtStatus* ReadLSoftmaxLinearAttributes(const OrtKernelInfo* info, int64_t* margin,
                                         double* lambda);
