@@ -19,6 +19,7 @@ checkpoint format stores exactly those).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -287,7 +288,13 @@ def build_model(name: str, **kwargs: Any) -> MarginClassifier:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if isinstance(kwargs.get("hidden"), list):
         kwargs["hidden"] = tuple(kwargs["hidden"])
-    return MODELS[name](**kwargs)
+    cls = MODELS[name]
+    own = set(inspect.signature(cls.__init__).parameters)
+    head = set(inspect.signature(MarginClassifier.__init__).parameters) - {"feat_dim"}
+    unknown = sorted(set(kwargs) - own - head)
+    if unknown:
+        raise ValueError(f"model {name!r} does not take {', '.join(unknown)}")
+    return cls(**kwargs)
 
 
 def model_kwargs_for(

@@ -108,6 +108,8 @@ def test_build_model_errors() -> None:
         build_model("mlp", margin=0)
     with pytest.raises(ValueError, match="head"):
         build_model("mlp", head="arcface")
+    with pytest.raises(ValueError, match="model 'mlp' does not take width"):
+        build_model("mlp", width=4)
 
 
 def test_checkpoint_roundtrip_keeps_weights_and_schedule_step(tmp_path: Path) -> None:
