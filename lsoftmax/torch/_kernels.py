@@ -31,6 +31,7 @@ check, the device assert with ``"async"``) and makes the margin outputs NaN.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -92,16 +93,24 @@ def margin_forward_(
     labels: torch.Tensor,
     margin: int,
     lam: float | torch.Tensor,
-) -> None:
-    """``logits`` holds ``x @ weight.T``; rewrites the target logit of every row."""
+    return_stats: bool = False,
+) -> dict[str, Any] | None:
+    """``logits`` holds ``x @ weight.T``; rewrites the target logit of every row.
+
+    With ``return_stats`` (CPU only) returns the per-row norms, cosines and segments, which
+    ``margin_backward_`` takes back to skip recomputing them.
+    """
     if logits.device.type == "cpu":
-        _core.margin_forward_(
-            _np(logits), _np(x), _np(weight), _np(labels), margin, _host_lambda(lam)
+        return _core.margin_forward_(
+            _np(logits), _np(x), _np(weight), _np(labels), margin, _host_lambda(lam), return_stats
         )
-    elif logits.device.type == "cuda":
+    if return_stats:
+        raise ValueError("return_stats is only available for CPU tensors")
+    if logits.device.type == "cuda":
         _cuda_forward_(logits, x, weight, labels, margin, lam)
     else:
         _unsupported(logits)
+    return None
 
 
 def margin_backward_(
@@ -113,6 +122,7 @@ def margin_backward_(
     grad_weight: torch.Tensor,
     margin: int,
     lam: float | torch.Tensor,
+    stats: dict[str, Any] | None = None,
 ) -> None:
     """``grad_x``/``grad_weight`` hold the plain GEMM gradients; adds the margin terms."""
     if grad_logits.device.type == "cpu":
@@ -125,6 +135,7 @@ def margin_backward_(
             _np(grad_weight),
             margin,
             _host_lambda(lam),
+            stats,
         )
     elif grad_logits.device.type == "cuda":
         _cuda_backward_(grad_logits, x, weight, labels, grad_x, grad_weight, margin, lam)

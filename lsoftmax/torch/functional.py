@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from lsoftmax.torch import ops as _ops  # noqa: F401  (registers torch.ops.lsoftmax)
+from lsoftmax.torch import ops  # also registers torch.ops.lsoftmax
 
 __all__ = [
     "check_inputs",
@@ -91,7 +91,27 @@ def lsoftmax_logits(
     if isinstance(lam, Tensor):
         if lam.dim() != 0:
             raise ValueError(f"lam must be a float or a 0-d tensor, got shape {tuple(lam.shape)}")
-        if target is None:
-            return torch.ops.lsoftmax.linear(x, weight, None, margin, 0.0)
+    else:
+        lam = check_lambda(lam)
+    return checked_logits(x, weight, target, margin, lam)
+
+
+def checked_logits(
+    x: Tensor, weight: Tensor, target: Tensor | None, margin: int, lam: float | Tensor
+) -> Tensor:
+    """``lsoftmax_logits`` for arguments that were already checked.
+
+    Eager calls on CPU tensors run an autograd.Function over the kernels; everything else (CUDA,
+    torch.compile, torch.export, the ONNX exporter) goes through the ``lsoftmax::`` custom ops.
+    """
+    if ops.eager_cpu(x, weight, target, lam if isinstance(lam, Tensor) else None):
+        if target is None or margin == 1:
+            return torch.mm(x, weight.t())
+        return ops.eager_margin_linear(
+            x, weight, target, margin, float(lam.item()) if isinstance(lam, Tensor) else lam
+        )
+    if target is None:
+        return torch.ops.lsoftmax.linear(x, weight, None, margin, 0.0)
+    if isinstance(lam, Tensor):
         return torch.ops.lsoftmax.margin_linear(x, weight, target, lam.to(torch.float64), margin)
-    return torch.ops.lsoftmax.linear(x, weight, target, margin, check_lambda(lam))
+    return torch.ops.lsoftmax.linear(x, weight, target, margin, lam)

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from lsoftmax.schedules import Exponential, Schedule
-from lsoftmax.torch.functional import check_inputs, check_margin
+from lsoftmax.torch import ops
+from lsoftmax.torch.functional import check_inputs, check_margin, checked_logits
 
 __all__ = ["LSoftmaxLinear"]
 
@@ -66,15 +67,18 @@ class LSoftmaxLinear(nn.Module):
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
         check_inputs(x, self.weight, target)
-        if self.training and target is not None and self.margin > 1:
+        if not (self.training and target is not None):
+            return checked_logits(x, self.weight, None, self.margin, 0.0)
+        lam: float | Tensor
+        if ops.eager_cpu(x, self.weight, target, self.step):
+            lam = self.schedule.value(int(self.step))
+        else:
+            # A tensor op, so torch.compile needs no graph break and a GPU step no host sync.
             lam = torch.ops.lsoftmax.schedule_lambda(
                 self.step, self.schedule.kind, self._schedule_params
             )
-            self.step.add_(1)
-            return torch.ops.lsoftmax.margin_linear(x, self.weight, target, lam, self.margin)
-        if self.training and target is not None:
-            self.step.add_(1)
-        return torch.ops.lsoftmax.linear(x, self.weight, None, self.margin, 0.0)
+        self.step.add_(1)
+        return checked_logits(x, self.weight, target, self.margin, lam)
 
     def extra_repr(self) -> str:
         return (

@@ -23,7 +23,14 @@ from torch import Tensor
 from lsoftmax import _core
 from lsoftmax.torch import _kernels
 
-__all__ = ["linear", "linear_backward", "margin_linear", "schedule_lambda"]
+__all__ = [
+    "eager_cpu",
+    "eager_margin_linear",
+    "linear",
+    "linear_backward",
+    "margin_linear",
+    "schedule_lambda",
+]
 
 
 def _check_pair(x: Tensor, weight: Tensor) -> None:
@@ -43,13 +50,37 @@ def _lam_arg(lam: Tensor, x: Tensor) -> float | Tensor:
 
 
 def _forward(
-    x: Tensor, weight: Tensor, labels: Tensor | None, margin: int, lam: float | Tensor
-) -> Tensor:
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor | None,
+    margin: int,
+    lam: float | Tensor,
+    return_stats: bool = False,
+) -> tuple[Tensor, dict[str, Any] | None]:
+    """The layer's forward: the GEMM by torch, then the core's per-row margin work."""
     _check_pair(x, weight)
     logits = torch.mm(x, weight.t())
+    stats = None
     if labels is not None:
-        _kernels.margin_forward_(logits, x, weight, labels, margin, lam)
-    return logits
+        stats = _kernels.margin_forward_(logits, x, weight, labels, margin, lam, return_stats)
+    return logits, stats
+
+
+def _backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: int,
+    lam: float | Tensor,
+    stats: dict[str, Any] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The layer's backward: the two plain GEMMs by torch, then the core's margin terms."""
+    grad = grad.contiguous()
+    grad_x = torch.mm(grad, weight)
+    grad_weight = torch.mm(grad.t(), x)
+    _kernels.margin_backward_(grad, x, weight, labels, grad_x, grad_weight, margin, lam, stats)
+    return grad_x, grad_weight
 
 
 def _fake_logits(x: Tensor, weight: Tensor) -> Tensor:
@@ -61,13 +92,7 @@ def _fake_logits(x: Tensor, weight: Tensor) -> Tensor:
 def linear_backward(
     grad: Tensor, x: Tensor, weight: Tensor, labels: Tensor, lam: Tensor, margin: int
 ) -> tuple[Tensor, Tensor]:
-    grad = grad.contiguous()
-    grad_x = torch.mm(grad, weight)
-    grad_weight = torch.mm(grad.t(), x)
-    _kernels.margin_backward_(
-        grad, x, weight, labels, grad_x, grad_weight, margin, _lam_arg(lam, grad)
-    )
-    return grad_x, grad_weight
+    return _backward(grad, x, weight, labels, margin, _lam_arg(lam, grad))
 
 
 @linear_backward.register_fake
@@ -96,7 +121,7 @@ def _grads(ctx: Any, grad: Tensor, lam: Tensor) -> tuple[Tensor | None, Tensor |
 
 @torch.library.custom_op("lsoftmax::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, labels: Tensor | None, margin: int, lam: float) -> Tensor:
-    return _forward(x, weight, labels, margin, lam)
+    return _forward(x, weight, labels, margin, lam)[0]
 
 
 @linear.register_fake
@@ -128,7 +153,7 @@ linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 def margin_linear(x: Tensor, weight: Tensor, labels: Tensor, lam: Tensor, margin: int) -> Tensor:
     if lam.numel() != 1:
         raise ValueError(f"lam must be a 0-d tensor, got shape {tuple(lam.shape)}")
-    return _forward(x, weight, labels, margin, _lam_arg(lam, x))
+    return _forward(x, weight, labels, margin, _lam_arg(lam, x))[0]
 
 
 @margin_linear.register_fake
@@ -178,3 +203,47 @@ def schedule_lambda(step: Tensor, kind: str, params: list[float]) -> Tensor:
 @schedule_lambda.register_fake
 def _(step: Tensor, kind: str, params: list[float]) -> Tensor:
     return torch.empty((), dtype=torch.float64, device=step.device)
+
+
+# --- eager CPU path -------------------------------------------------------------------------------
+# The custom ops above are what torch.compile, torch.export and the ONNX exporter see. Plain eager
+# calls on CPU tensors take the same forward and backward (_forward/_backward) through an
+# autograd.Function instead: it skips the custom-op dispatch (tens of microseconds per op and
+# step, a large share of the layer's cost at small class counts) and hands the forward's per-row
+# norms and cosines to the backward instead of recomputing them.
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def eager_cpu(*tensors: Tensor | None) -> bool:
+    """True when the call runs eagerly on plain CPU tensors (no tracing, compiling or vmap)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(
+        type(t) in _PLAIN_TENSORS and t.device.type == "cpu" for t in tensors if t is not None
+    )
+
+
+class _EagerMarginLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, margin: int, lam: float
+    ) -> Tensor:
+        logits, stats = _forward(x, weight, labels, margin, lam, return_stats=True)
+        ctx.save_for_backward(x, weight, labels)
+        ctx.margin, ctx.lam, ctx.stats = margin, lam, stats
+        return logits
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, weight, labels = ctx.saved_tensors
+        grad_x, grad_w = _backward(grad, x, weight, labels, ctx.margin, ctx.lam, ctx.stats)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None
+
+
+def eager_margin_linear(
+    x: Tensor, weight: Tensor, labels: Tensor, margin: int, lam: float
+) -> Tensor:
+    """Margin logits on the eager CPU path (call only when ``eager_cpu`` holds)."""
+    return _EagerMarginLinear.apply(x, weight, labels, margin, lam)

@@ -88,8 +88,29 @@ py::object margin_forward_py(py::array logits, py::array x_in, py::array w_in, p
   });
 }
 
+// The forward's per-row stats dict, handed back to the backward: four 1-D contiguous arrays of
+// length n (segment int32, the rest of the float type of the call).
+template <typename E>
+E* stats_array(const py::dict& stats, const char* key, int64_t n) {
+  if (!stats.contains(key)) {
+    throw py::value_error(std::string("stats is missing '") + key + "' (pass the dict that "
+                          "margin_forward_(..., return_stats=True) returned)");
+  }
+  py::array a = stats[key].cast<py::array>();
+  if (!a.dtype().is(py::dtype::of<E>())) {
+    throw py::type_error(std::string("stats['") + key + "'] has dtype " + dtype_name(a) +
+                         ", expected " + py::str(py::dtype::of<E>()).cast<std::string>());
+  }
+  if (a.ndim() != 1 || a.shape(0) != n || !(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string("stats['") + key + "'] must be a contiguous 1-D array of " +
+                          std::to_string(n) + " entries");
+  }
+  return static_cast<E*>(a.mutable_data());
+}
+
 void margin_backward_py(py::array grad_in, py::array x_in, py::array w_in, py::array labels_in,
-                        py::array grad_x, py::array grad_w, py::object margin_obj, double lam) {
+                        py::array grad_x, py::array grad_w, py::object margin_obj, double lam,
+                        py::object stats_obj) {
   check_margin_arg(margin_obj);
   const int64_t margin = margin_obj.cast<int64_t>();
   py::array grad = as_strided_input(grad_in), x = as_strided_input(x_in),
@@ -109,10 +130,17 @@ void margin_backward_py(py::array grad_in, py::array x_in, py::array w_in, py::a
     auto lv = label_view<L>(labels);
     auto gx = mutable_matrix<T>("grad_x", grad_x);
     auto gw = mutable_matrix<T>("grad_weight", grad_w);
+    RowStats<T> stats;
+    if (!stats_obj.is_none()) {
+      const py::dict d = stats_obj.cast<py::dict>();
+      stats = RowStats<T>{stats_array<T>(d, "norm_x", xv.rows), stats_array<T>(d, "norm_w", xv.rows),
+                          stats_array<T>(d, "cos_theta", xv.rows),
+                          stats_array<int32_t>(d, "segment", xv.rows)};
+    }
     Status s;
     {
       py::gil_scoped_release release;
-      s = margin_backward<T, L>(gv, xv, wv, lv, gx, gw, margin, lam);
+      s = margin_backward<T, L>(gv, xv, wv, lv, gx, gw, margin, lam, stats);
     }
     raise_if_error(s);
   });
@@ -129,9 +157,11 @@ PYBIND11_MODULE(_core, m) {
         "logit. With return_stats, returns a dict of per-row norm_x, norm_w, cos_theta, segment.");
   m.def("margin_backward_", &margin_backward_py, py::arg("grad_logits"), py::arg("x"),
         py::arg("weight"), py::arg("labels"), py::arg("grad_x"), py::arg("grad_weight"),
-        py::arg("margin"), py::arg("lam"),
+        py::arg("margin"), py::arg("lam"), py::arg("stats") = py::none(),
         "In place: grad_x holds grad_logits @ weight and grad_weight holds grad_logits.T @ x; "
-        "adds the margin terms (only grad_logits[i, labels[i]] is read).");
+        "adds the margin terms (only grad_logits[i, labels[i]] is read). `stats`, the dict that "
+        "margin_forward_(..., return_stats=True) returned for the same inputs, saves "
+        "recomputing the norms and cosines.");
 
   m.def("validate_margin_params", [](py::object margin, double lam) {
     check_margin_arg(margin);

@@ -156,6 +156,26 @@ Status check_matrix(const char* name, const MatrixView<T>& m, int64_t rows, int6
   return detail::check_shape(name, m.rows, m.cols, rows, cols);
 }
 
+// cos(j pi/m), j = 1..m-1, computed once per call instead of once per row.
+std::vector<double> segment_thresholds(int m) {
+  std::vector<double> thr(static_cast<size_t>(m > 1 ? m - 1 : 0));
+  fill_segment_thresholds(m, thr.data());
+  return thr;
+}
+
+// With no more classes than rows, every class norm is computed once up front rather than once
+// per row that targets it; otherwise (many classes, few rows) the rows compute their own.
+template <typename T>
+std::vector<T> target_class_norms(const MatrixView<const T>& w, int64_t rows) {
+  std::vector<T> norms;
+  if (w.rows > rows) return norms;
+  norms.resize(static_cast<size_t>(w.rows));
+  detail::parallel_for(w.rows, w.cols, [&](int64_t c) {
+    norms[static_cast<size_t>(c)] = static_cast<T>(norm_row(w, c));
+  });
+  return norms;
+}
+
 }  // namespace
 
 Status validate_margin_params(int64_t margin, double lambda) {
@@ -176,19 +196,25 @@ Status margin_forward(MatrixView<const T> x, MatrixView<const T> w, LabelView<L>
   Status s = check_all(x, w, labels, margin, lambda);
   if (s.ok()) s = check_matrix("logits", logits, x.rows, w.rows);
   if (!s.ok()) return s;
+  const bool want_stats = stats.norm_x || stats.norm_w || stats.cos_theta || stats.segment;
+  if (margin == 1 && !want_stats) return s;
   const int m = static_cast<int>(margin);
   const T lam = static_cast<T>(lambda);
-  detail::parallel_for(x.rows, 2 * x.cols + 8 * m, [&](int64_t i) {
+  const std::vector<double> thresholds = segment_thresholds(m);
+  const std::vector<T> class_norms = target_class_norms(w, x.rows);
+  detail::parallel_for(x.rows, x.cols + 8 * m, [&](int64_t i) {
     const int64_t t = static_cast<int64_t>(labels[i]);
     const T nx = static_cast<T>(norm_row(x, i));
-    const T nw = static_cast<T>(norm_row(w, t));
+    const T nw = class_norms.empty() ? static_cast<T>(norm_row(w, t)) : class_norms[t];
     T& f = logits(i, t);
     const bool degenerate = is_degenerate(nx, nw);
+    const T c = degenerate ? T(0) : clamp_cos(f / (nx * nw));
+    const int k = degenerate ? -1 : margin_segment(m, c, thresholds.data());
     if (stats.norm_x) stats.norm_x[i] = nx;
     if (stats.norm_w) stats.norm_w[i] = nw;
-    if (stats.cos_theta) stats.cos_theta[i] = degenerate ? T(0) : clamp_cos(f / (nx * nw));
-    if (stats.segment) stats.segment[i] = degenerate ? -1 : margin_segment(m, clamp_cos(f / (nx * nw)));
-    f = margin_logit(f, nx, nw, m, lam);
+    if (stats.cos_theta) stats.cos_theta[i] = c;
+    if (stats.segment) stats.segment[i] = k;
+    if (m > 1 && !degenerate) f = margin_logit_at(f, nx * nw, c, k, m, lam);
   });
   return Status::Ok();
 }
@@ -196,7 +222,8 @@ Status margin_forward(MatrixView<const T> x, MatrixView<const T> w, LabelView<L>
 template <typename T, typename L>
 Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
                        MatrixView<const T> w, LabelView<L> labels, MatrixView<T> grad_x,
-                       MatrixView<T> grad_w, int64_t margin, double lambda) {
+                       MatrixView<T> grad_w, int64_t margin, double lambda,
+                       RowStats<T> forward_stats) {
   Status s = check_all(x, w, labels, margin, lambda);
   if (s.ok()) s = check_matrix("grad_logits", grad_logits, x.rows, w.rows);
   if (s.ok()) s = check_matrix("grad_x", grad_x, x.rows, x.cols);
@@ -205,15 +232,33 @@ Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
   const int m = static_cast<int>(margin);
   const T lam = static_cast<T>(lambda);
   const int64_t n = x.rows, d = x.cols;
+  const std::vector<double> thresholds = segment_thresholds(m);
+  const bool reuse = forward_stats.norm_x && forward_stats.norm_w && forward_stats.cos_theta &&
+                     forward_stats.segment;
 
   std::vector<RowGrad<T>> rows(static_cast<size_t>(n));
-  detail::parallel_for(n, 4 * d + 8 * m, [&](int64_t i) {
+  detail::parallel_for(n, (reuse ? 2 : 5) * d + 8 * m, [&](int64_t i) {
     const int64_t t = static_cast<int64_t>(labels[i]);
-    const RowDots dots = row_dots(x, i, w, t);
-    const T nx = static_cast<T>(std::sqrt(dots.xx));
-    const T nw = static_cast<T>(std::sqrt(dots.ww));
-    const T f = static_cast<T>(dots.xw);
-    const RowGrad<T> r = margin_row_grad(f, nx, nw, m, lam, grad_logits(i, t));
+    T nx, nw, c;
+    int k;
+    if (reuse) {
+      nx = forward_stats.norm_x[i];
+      nw = forward_stats.norm_w[i];
+      c = forward_stats.cos_theta[i];
+      k = forward_stats.segment[i];
+    } else {
+      const RowDots dots = row_dots(x, i, w, t);
+      nx = static_cast<T>(std::sqrt(dots.xx));
+      nw = static_cast<T>(std::sqrt(dots.ww));
+      const bool degenerate = is_degenerate(nx, nw);
+      c = degenerate ? T(0) : clamp_cos(static_cast<T>(dots.xw) / (nx * nw));
+      k = degenerate ? -1 : margin_segment(m, c, thresholds.data());
+    }
+    if (k < 0) {
+      rows[static_cast<size_t>(i)] = RowGrad<T>{T(0), T(0), T(0)};
+      return;
+    }
+    const RowGrad<T> r = margin_row_grad_at(c, k, nx, nw, m, lam, grad_logits(i, t));
     rows[static_cast<size_t>(i)] = r;
     axpy2_row(grad_x, i, r.delta, w, t, r.coef_x, x, i);
   });
@@ -250,7 +295,7 @@ Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
                                        MatrixView<T>, int64_t, double, RowStats<T>);          \
   template Status margin_backward<T, L>(MatrixView<const T>, MatrixView<const T>,              \
                                         MatrixView<const T>, LabelView<L>, MatrixView<T>,      \
-                                        MatrixView<T>, int64_t, double);
+                                        MatrixView<T>, int64_t, double, RowStats<T>);
 LSOFTMAX_INSTANTIATE(float, int32_t)
 LSOFTMAX_INSTANTIATE(float, int64_t)
 LSOFTMAX_INSTANTIATE(double, int32_t)

@@ -34,11 +34,13 @@ Status margin_forward(MatrixView<const T> x, MatrixView<const T> w, LabelView<L>
 
 // grad_x holds G W (N x D) and grad_w holds G^T x (C x D) on entry; the margin terms are added.
 // grad_w rows shared by several samples are summed in sample order, so results do not depend
-// on the thread count.
+// on the thread count. `forward_stats`, when all four arrays are given (as margin_forward
+// filled them for the same x, w, labels), saves recomputing the norms and cosines.
 template <typename T, typename L>
 Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
                        MatrixView<const T> w, LabelView<L> labels, MatrixView<T> grad_x,
-                       MatrixView<T> grad_w, int64_t margin, double lambda);
+                       MatrixView<T> grad_w, int64_t margin, double lambda,
+                       RowStats<T> forward_stats = RowStats<T>());
 
 // Threads used by the per-row loops (default: hardware concurrency, or LSOFTMAX_NUM_THREADS).
 void set_num_threads(int n);

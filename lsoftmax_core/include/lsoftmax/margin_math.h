@@ -39,6 +39,20 @@ LSOFTMAX_HD int margin_segment(int m, T c) {
   return k;
 }
 
+// The same from precomputed thresholds thr[j - 1] = cos(j pi/m), j = 1..m-1: a loop over many
+// rows then pays for the m - 1 cosines once (fill_segment_thresholds).
+template <typename T>
+LSOFTMAX_HD int margin_segment(int m, T c, const double* thresholds) {
+  int k = 0;
+  while (k + 1 < m && static_cast<double>(c) < thresholds[k]) ++k;
+  return k;
+}
+
+inline void fill_segment_thresholds(int m, double* thresholds) {
+  constexpr double kPi = 3.14159265358979323846;
+  for (int j = 1; j < m; ++j) thresholds[j - 1] = std::cos(kPi * j / m);
+}
+
 // T_m(c) = cos(m theta) and U_{m-1}(c) = sin(m theta) / sin(theta) by their three-term
 // recurrences, exact for every m (the binomial expansion of older code is not).
 template <typename T>
@@ -64,16 +78,22 @@ struct PsiTerms {
   int k;
 };
 
+// psi and psi' of segment k (which must be the segment of c).
 template <typename T>
-LSOFTMAX_HD PsiTerms<T> psi_terms(int m, T c) {
+LSOFTMAX_HD PsiTerms<T> psi_terms(int m, T c, int k) {
   PsiTerms<T> out;
-  out.k = margin_segment(m, c);
+  out.k = k;
   T tm, um1;
   chebyshev_tu(m, c, &tm, &um1);
-  const T sign = (out.k % 2 == 0) ? T(1) : T(-1);
-  out.psi = sign * tm - T(2 * out.k);
+  const T sign = (k % 2 == 0) ? T(1) : T(-1);
+  out.psi = sign * tm - T(2 * k);
   out.dpsi = sign * T(m) * um1;
   return out;
+}
+
+template <typename T>
+LSOFTMAX_HD PsiTerms<T> psi_terms(int m, T c) {
+  return psi_terms(m, c, margin_segment(m, c));
 }
 
 template <typename T>
@@ -86,15 +106,22 @@ LSOFTMAX_HD bool is_degenerate(T norm_x, T norm_w) {
   return !(norm_x >= degenerate_norm<T>() && norm_w >= degenerate_norm<T>());
 }
 
-// The margin target logit g = (lambda f + |x||w| psi) / (1 + lambda).
+// The margin target logit g = (lambda f + |x||w| psi) / (1 + lambda), for a row whose
+// cos(theta) = c lies in segment k (the row must not be degenerate).
+template <typename T>
+LSOFTMAX_HD T margin_logit_at(T f, T prod, T c, int k, int m, T lam) {
+  const PsiTerms<T> p = psi_terms(m, c, k);
+  // f + (|x||w| psi - f) / (1 + lambda) rather than (lambda f + |x||w| psi) / (1 + lambda): the
+  // same value, but lambda = inf (or a lambda that overflows T) gives f instead of inf/inf = NaN.
+  return f + (prod * p.psi - f) / (T(1) + lam);
+}
+
 template <typename T>
 LSOFTMAX_HD T margin_logit(T f, T norm_x, T norm_w, int m, T lam) {
   if (m == 1 || is_degenerate(norm_x, norm_w)) return f;
   const T prod = norm_x * norm_w;
-  const PsiTerms<T> p = psi_terms(m, clamp_cos(f / prod));
-  // f + (|x||w| psi - f) / (1 + lambda) rather than (lambda f + |x||w| psi) / (1 + lambda): the
-  // same value, but lambda = inf (or a lambda that overflows T) gives f instead of inf/inf = NaN.
-  return f + (prod * p.psi - f) / (T(1) + lam);
+  const T c = clamp_cos(f / prod);
+  return margin_logit_at(f, prod, c, margin_segment(m, c), m, lam);
 }
 
 // Backward coefficients of one row, for an incoming gradient G = dL/dg of the target logit.
@@ -110,19 +137,24 @@ struct RowGrad {
   T coef_w;
 };
 
+// Row coefficients for a non-degenerate row whose cos(theta) = c lies in segment k.
 template <typename T>
-LSOFTMAX_HD RowGrad<T> margin_row_grad(T f, T norm_x, T norm_w, int m, T lam, T g) {
-  RowGrad<T> out{T(0), T(0), T(0)};
-  if (m == 1 || is_degenerate(norm_x, norm_w)) return out;
-  const T prod = norm_x * norm_w;
-  const T c = clamp_cos(f / prod);
-  const PsiTerms<T> p = psi_terms(m, c);
+LSOFTMAX_HD RowGrad<T> margin_row_grad_at(T c, int k, T norm_x, T norm_w, int m, T lam, T g) {
+  RowGrad<T> out;
+  const PsiTerms<T> p = psi_terms(m, c, k);
   const T s = T(1) / (T(1) + lam);
   const T sgr = s * g * (p.psi - c * p.dpsi);
   out.delta = s * (p.dpsi - T(1)) * g;  // s (lambda + psi') G - G, without the cancellation
   out.coef_x = sgr * (norm_w / norm_x);
   out.coef_w = sgr * (norm_x / norm_w);
   return out;
+}
+
+template <typename T>
+LSOFTMAX_HD RowGrad<T> margin_row_grad(T f, T norm_x, T norm_w, int m, T lam, T g) {
+  if (m == 1 || is_degenerate(norm_x, norm_w)) return RowGrad<T>{T(0), T(0), T(0)};
+  const T c = clamp_cos(f / (norm_x * norm_w));
+  return margin_row_grad_at(c, margin_segment(m, c), norm_x, norm_w, m, lam, g);
 }
 
 }  // namespace lsoftmax
