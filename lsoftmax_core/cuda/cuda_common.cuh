@@ -22,6 +22,23 @@ constexpr size_t kAlign = 256;
 
 inline size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 
+// Hands out kAlign-aligned pieces of one workspace in order. With base == nullptr it only adds
+// up the size (total()), so sizing a workspace and carving it run the same code.
+class WorkspaceCarver {
+ public:
+  explicit WorkspaceCarver(char* base) : base_(base) {}
+  void* take(size_t bytes) {
+    void* p = base_ != nullptr ? base_ + offset_ : nullptr;
+    offset_ += align_up(bytes);
+    return p;
+  }
+  size_t total() const { return offset_; }
+
+ private:
+  char* base_;
+  size_t offset_ = 0;
+};
+
 // Sum over the warp. Butterfly: lanes l and l^off add the same two values (commutative), so
 // every lane ends with the same bits and control flow that depends on the sum stays uniform.
 template <typename A>

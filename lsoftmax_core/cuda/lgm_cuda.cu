@@ -451,20 +451,15 @@ struct AssembleWorkspace {
   size_t total = 0;
 
   AssembleWorkspace(char* base, int64_t n, int64_t c, int64_t d, bool iso, size_t sort_bytes) {
-    const size_t n32 = align_up(static_cast<size_t>(n) * 4);
-    size_t off = 0;
-    auto take = [&](size_t bytes) {
-      void* p = base ? base + off : nullptr;
-      off += align_up(bytes);
-      return p;
-    };
-    keys_in = static_cast<uint32_t*>(take(n32));
-    keys_out = static_cast<uint32_t*>(take(n32));
-    rows_in = static_cast<int32_t*>(take(n32));
-    rows_out = static_cast<int32_t*>(take(n32));
-    bracket = static_cast<double*>(take(iso ? static_cast<size_t>(c * d) * sizeof(double) : 0));
-    sort_storage = take(sort_bytes);
-    total = off;
+    const size_t n32 = static_cast<size_t>(n) * 4;
+    detail::WorkspaceCarver w(base);
+    keys_in = static_cast<uint32_t*>(w.take(n32));
+    keys_out = static_cast<uint32_t*>(w.take(n32));
+    rows_in = static_cast<int32_t*>(w.take(n32));
+    rows_out = static_cast<int32_t*>(w.take(n32));
+    bracket = static_cast<double*>(w.take(iso ? static_cast<size_t>(c * d) * sizeof(double) : 0));
+    sort_storage = w.take(sort_bytes);
+    total = w.total();
   }
 };
 

@@ -22,7 +22,6 @@ namespace lsoftmax::cuda {
 namespace {
 
 using detail::Acc;
-using detail::align_up;
 using detail::from_acc;
 using detail::kAlign;
 using detail::kWarp;
@@ -201,23 +200,18 @@ struct SegmentWorkspace {
   size_t total = 0;
 
   SegmentWorkspace(char* base, int64_t n, size_t acc_size, size_t sort_storage_bytes) {
-    const size_t n32 = align_up(static_cast<size_t>(n) * 4);
-    const size_t nacc = align_up(static_cast<size_t>(n) * acc_size);
-    size_t off = 0;
-    auto take = [&](size_t bytes) {
-      char* p = base ? base + off : nullptr;
-      off += bytes;
-      return static_cast<void*>(p);
-    };
-    keys_in = static_cast<uint32_t*>(take(n32));
-    keys_out = static_cast<uint32_t*>(take(n32));
-    rows_in = static_cast<int32_t*>(take(n32));
-    rows_out = static_cast<int32_t*>(take(n32));
-    delta = take(nacc);
-    coef_w = take(nacc);
-    sort_storage = take(align_up(sort_storage_bytes));
+    const size_t n32 = static_cast<size_t>(n) * 4;
+    const size_t nacc = static_cast<size_t>(n) * acc_size;
+    detail::WorkspaceCarver w(base);
+    keys_in = static_cast<uint32_t*>(w.take(n32));
+    keys_out = static_cast<uint32_t*>(w.take(n32));
+    rows_in = static_cast<int32_t*>(w.take(n32));
+    rows_out = static_cast<int32_t*>(w.take(n32));
+    delta = w.take(nacc);
+    coef_w = w.take(nacc);
+    sort_storage = w.take(sort_storage_bytes);
     sort_bytes = sort_storage_bytes;
-    total = off;
+    total = w.total();
   }
 };
 
