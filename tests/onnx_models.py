@@ -3,7 +3,7 @@
 ``MLP`` and ``CNN`` return the plain logits of their ``LSoftmaxLinear`` head (the inference
 graph); ``WithLabels(model, margin, lam)`` returns the margin logits through
 ``lsoftmax_logits(feat, head.weight, target, margin, lam)`` with a float ``lam``, the graph the
-exporter can translate with labels.
+exporter can translate with labels. ``lgm_node_model`` is a graph of one ``LGMLogits`` node.
 """
 
 from __future__ import annotations
@@ -136,3 +136,40 @@ def export_cache(
         return cache[key]
 
     return get
+
+
+def lgm_node_model(
+    dtype: int,
+    c: int = 2,
+    d: int = 3,
+    dv: int | None = None,
+    labels_type: int | None = 7,  # onnx.TensorProto.INT64
+    **attrs: Any,
+) -> bytes:
+    """A serialized model of one ``ai.lsoftmax::LGMLogits`` node: inputs X (N, d), means (c, d),
+    log_var (c, dv) (dv defaults to d) and labels (N,) of ONNX type ``labels_type`` (int64 by
+    default; None: no labels input); ``attrs`` become node attributes."""
+    import onnx
+
+    h = onnx.helper
+    inputs = [
+        h.make_tensor_value_info("X", dtype, ["N", d]),
+        h.make_tensor_value_info("means", dtype, [c, d]),
+        h.make_tensor_value_info("log_var", dtype, [c, d if dv is None else dv]),
+    ]
+    if labels_type is not None:
+        inputs.append(h.make_tensor_value_info("labels", labels_type, ["N"]))
+    node = h.make_node(
+        "LGMLogits",
+        [i.name for i in inputs],
+        ["logits", "loglik"],
+        domain="ai.lsoftmax",
+        **attrs,
+    )
+    outputs = [h.make_tensor_value_info(n, dtype, None) for n in ("logits", "loglik")]
+    graph = h.make_graph([node], "g", inputs, outputs)
+    return h.make_model(
+        graph,
+        opset_imports=[h.make_opsetid("", 18), h.make_opsetid("ai.lsoftmax", 1)],
+        ir_version=9,
+    ).SerializeToString()

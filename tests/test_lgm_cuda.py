@@ -21,6 +21,7 @@ import onnxruntime
 import pytest
 import torch
 from helpers import FAKE_STREAM, fake_cuda_runtime
+from onnx_models import lgm_node_model
 from reference import max_rel_err
 from test_lgm_core import lgm_reference_grads, make_case
 
@@ -199,30 +200,8 @@ def test_lgm_loss_module_trains_on_cuda() -> None:
 
 
 def _lgm_model(dtype: int, c: int, d: int, dv: int, with_labels: bool, logdet: int) -> bytes:
-    h = onnx.helper
-    names = ["X", "means", "log_var"] + (["labels"] if with_labels else [])
-    inputs = [
-        h.make_tensor_value_info("X", dtype, ["N", d]),
-        h.make_tensor_value_info("means", dtype, [c, d]),
-        h.make_tensor_value_info("log_var", dtype, [c, dv]),
-    ]
-    if with_labels:
-        inputs.append(h.make_tensor_value_info("labels", onnx.TensorProto.INT64, ["N"]))
-    node = h.make_node(
-        "LGMLogits",
-        names,
-        ["logits", "loglik"],
-        domain="ai.lsoftmax",
-        alpha=ALPHA,
-        include_logdet=logdet,
-    )
-    outputs = [h.make_tensor_value_info(n, dtype, None) for n in ("logits", "loglik")]
-    graph = h.make_graph([node], "g", inputs, outputs)
-    return h.make_model(
-        graph,
-        opset_imports=[h.make_opsetid("", 18), h.make_opsetid("ai.lsoftmax", 1)],
-        ir_version=9,
-    ).SerializeToString()
+    labels_type = onnx.TensorProto.INT64 if with_labels else None
+    return lgm_node_model(dtype, c, d, dv, labels_type, alpha=ALPHA, include_logdet=logdet)
 
 
 def _session(model: bytes, provider: str, profile_dir: Path | None = None) -> Any:

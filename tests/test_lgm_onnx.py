@@ -15,7 +15,7 @@ import onnxruntime
 import pytest
 import torch
 from lsoftmax.exporters import TrainingOpError, export_onnx, finalize
-from onnx_models import copy_model
+from onnx_models import copy_model, lgm_node_model
 from reference import max_rel_err
 from test_lgm_core import lgm_reference
 from torch import Tensor, nn
@@ -126,30 +126,6 @@ def test_function_body_runs_without_the_library(exported, dtype, isotropic) -> N
         assert max_rel_err(a, b) <= TOL[dtype]
 
 
-def _lgm_node_model(dtype: int, labels_type: int = onnx.TensorProto.INT64, **attrs: Any):
-    h = onnx.helper
-    inputs = [
-        h.make_tensor_value_info("X", dtype, ["N", 3]),
-        h.make_tensor_value_info("means", dtype, [2, 3]),
-        h.make_tensor_value_info("log_var", dtype, [2, 3]),
-        h.make_tensor_value_info("labels", labels_type, ["N"]),
-    ]
-    node = h.make_node(
-        "LGMLogits",
-        ["X", "means", "log_var", "labels"],
-        ["logits", "loglik"],
-        domain="ai.lsoftmax",
-        **attrs,
-    )
-    outputs = [h.make_tensor_value_info(n, dtype, None) for n in ("logits", "loglik")]
-    graph = h.make_graph([node], "g", inputs, outputs)
-    return h.make_model(
-        graph,
-        opset_imports=[h.make_opsetid("", 18), h.make_opsetid("ai.lsoftmax", 1)],
-        ir_version=9,
-    ).SerializeToString()
-
-
 def _feeds(labels: np.ndarray) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
@@ -161,7 +137,7 @@ def _feeds(labels: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def test_ort_kernel_rejects_bad_input() -> None:
-    sess = lort.session(_lgm_node_model(onnx.TensorProto.FLOAT, alpha=0.5))
+    sess = lort.session(lgm_node_model(onnx.TensorProto.FLOAT, alpha=0.5))
     with pytest.raises(
         onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument,
         match=r"labels\[1\] = 2 is out of range",
@@ -172,20 +148,20 @@ def test_ort_kernel_rejects_bad_input() -> None:
     with pytest.raises(Exception, match="log_var"):
         sess.run(None, bad_lv)
     float_labels = lort.session(
-        _lgm_node_model(onnx.TensorProto.FLOAT, labels_type=onnx.TensorProto.FLOAT)
+        lgm_node_model(onnx.TensorProto.FLOAT, labels_type=onnx.TensorProto.FLOAT)
     )
     with pytest.raises(Exception, match="labels must be int64 or int32"):
         float_labels.run(None, _feeds(np.array([0.0, 1.0], np.float32)))
     with pytest.raises(Exception, match="alpha"):
-        lort.session(_lgm_node_model(onnx.TensorProto.FLOAT, alpha=-1.0))
+        lort.session(lgm_node_model(onnx.TensorProto.FLOAT, alpha=-1.0))
     with pytest.raises(Exception, match="include_logdet"):
-        lort.session(_lgm_node_model(onnx.TensorProto.FLOAT, include_logdet=2))
+        lort.session(lgm_node_model(onnx.TensorProto.FLOAT, include_logdet=2))
 
 
 def test_include_logdet_attribute_in_every_mode() -> None:
     """include_logdet=0 in the kernel and in both standard-op forms (int attribute reference in
     the function body) against the reference."""
-    model = onnx.load_from_string(_lgm_node_model(onnx.TensorProto.FLOAT, include_logdet=0))
+    model = onnx.load_from_string(lgm_node_model(onnx.TensorProto.FLOAT, include_logdet=0))
     feeds = _feeds(np.array([1, 0, 1], np.int64))
     feeds["log_var"] = np.array([[0.3, -0.2, 0.1], [0.5, 0.4, -0.6]], np.float32)
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
@@ -213,7 +189,7 @@ def test_tight_clusters_keep_loglik_accurate_in_every_mode(with_labels) -> None:
         "log_var": np.full((c, d), np.log(1e-6), np.float32),
         "labels": labels,
     }
-    model = onnx.load_from_string(_lgm_node_model(onnx.TensorProto.FLOAT, alpha=0.5))
+    model = onnx.load_from_string(lgm_node_model(onnx.TensorProto.FLOAT, alpha=0.5))
     model.graph.input[1].type.tensor_type.shape.dim[0].dim_value = c
     model.graph.input[2].type.tensor_type.shape.dim[0].dim_value = c
     if not with_labels:
