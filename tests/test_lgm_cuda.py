@@ -11,7 +11,6 @@ GPU tests carry the ``gpu`` marker; ``benchmarks/gpu_check.sh`` runs them on a G
 from __future__ import annotations
 
 import ctypes
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,13 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from helpers import FAKE_STREAM, fake_cuda_runtime
+from helpers import FAKE_STREAM, ep_session, fake_cuda_runtime, kernel_placements
 from onnx_models import lgm_node_model
 from reference import max_rel_err
 from test_lgm_core import lgm_reference_grads, make_case
 
 import lsoftmax.cuda as lc
 from lsoftmax import _core
-from lsoftmax import ort as lort
 from lsoftmax.torch import lgm as lgm_mod
 from lsoftmax.torch import set_label_check
 
@@ -204,29 +202,6 @@ def _lgm_model(dtype: int, c: int, d: int, dv: int, with_labels: bool, logdet: i
     return lgm_node_model(dtype, c, d, dv, labels_type, alpha=ALPHA, include_logdet=logdet)
 
 
-def _session(model: bytes, provider: str, profile_dir: Path | None = None) -> Any:
-    so = onnxruntime.SessionOptions()
-    so.register_custom_ops_library(lort.library_path())
-    if profile_dir is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = str(profile_dir / "ort_profile")
-    providers: list[Any] = (
-        [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
-        if provider == "cuda"
-        else ["CPUExecutionProvider"]
-    )
-    return onnxruntime.InferenceSession(model, so, providers=providers)
-
-
-def _lgm_placements(sess: Any) -> list[str]:
-    events = json.loads(Path(sess.end_profiling()).read_text())
-    return [
-        e["args"]["provider"]
-        for e in events
-        if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "LGMLogits"
-    ]
-
-
 @gpu
 @needs_ort_cuda
 @DTYPES
@@ -242,9 +217,9 @@ def test_ort_cuda_ep_matches_cpu_ep_and_runs_on_cuda(
     feeds = {"X": x.numpy(), "means": means.numpy(), "log_var": log_var.numpy()}
     if with_labels:
         feeds["labels"] = labels.numpy().astype(np.int64)
-    cuda = _session(model, "cuda", tmp_path)
+    cuda = ep_session(model, "cuda", tmp_path)
     got = cuda.run(None, feeds)
-    want = _session(model, "cpu").run(None, feeds)
+    want = ep_session(model, "cpu").run(None, feeds)
     y = labels if with_labels else None
     ref = lgm_reference_grads(
         x, means, log_var, y, ALPHA, bool(logdet), torch.zeros(23, 6), torch.zeros(23)
@@ -253,7 +228,7 @@ def test_ort_cuda_ep_matches_cpu_ep_and_runs_on_cuda(
         assert g.dtype == w.dtype and g.shape == w.shape
         assert max_rel_err(g, r) <= TOL[dtype]
         assert max_rel_err(g, w.astype(np.float64)) <= 2 * TOL[dtype]
-    placements = _lgm_placements(cuda)
+    placements = kernel_placements(cuda, "LGMLogits")
     assert placements and set(placements) == {"CUDAExecutionProvider"}, placements
 
 
@@ -261,7 +236,7 @@ def test_ort_cuda_ep_matches_cpu_ep_and_runs_on_cuda(
 @needs_ort_cuda
 def test_ort_cuda_ep_bad_labels_are_an_error() -> None:
     x, means, log_var, labels = _case(False, torch.float32, n=4, c=3, d=5)
-    sess = _session(_lgm_model(onnx.TensorProto.FLOAT, 3, 5, 5, True, 1), "cuda")
+    sess = ep_session(_lgm_model(onnx.TensorProto.FLOAT, 3, 5, 5, True, 1), "cuda")
     feeds = {"X": x.numpy(), "means": means.numpy(), "log_var": log_var.numpy()}
     bad = labels.numpy().astype(np.int64)
     bad[1] = 99

@@ -7,7 +7,6 @@ Needs an NVIDIA GPU and onnxruntime-gpu; ``benchmarks/gpu_check.sh`` runs it on 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,12 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from helpers import ep_session, kernel_placements
 from lsoftmax.exporters import finalize
 from onnx_models import export_cache, feeds, inputs, with_margin
 from reference import lsoftmax_reference, max_rel_err
 
 import lsoftmax.cuda as lc
-from lsoftmax import ort as lort
 
 ORT_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 READY = ORT_CUDA and lc.available()
@@ -48,30 +47,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def _session(proto: onnx.ModelProto, provider: str, profile_dir: Path | None = None) -> Any:
-    so = onnxruntime.SessionOptions()
-    so.register_custom_ops_library(lort.library_path())
-    if profile_dir is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = str(profile_dir / "ort_profile")
-    if provider == "cuda":
-        # TF32 off: parity with the CPU EP is measured at float32 precision.
-        providers: list[Any] = [
-            ("CUDAExecutionProvider", {"use_tf32": "0"}),
-            "CPUExecutionProvider",
-        ]
-    else:
-        providers = ["CPUExecutionProvider"]
-    return onnxruntime.InferenceSession(proto.SerializeToString(), so, providers=providers)
-
-
-def _lsoftmax_placements(sess: Any) -> list[str]:
-    """The execution provider of every LSoftmaxLinear kernel run in the session's profile."""
-    events = json.loads(Path(sess.end_profiling()).read_text())
-    return [
-        e["args"]["provider"]
-        for e in events
-        if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "LSoftmaxLinear"
-    ]
+    return ep_session(proto.SerializeToString(), provider, profile_dir)
 
 
 @pytest.mark.parametrize("mode", ["custom", "function"])
@@ -94,7 +70,7 @@ def test_cuda_ep_matches_cpu_ep_and_runs_on_cuda(
         # the CNN's features then differ by more than float32 rounding before our node.
         tol = TOL[dtype] if kind == "mlp" else 1e-4
         assert max_rel_err(got, want) <= tol
-        placements = _lsoftmax_placements(cuda)
+        placements = kernel_placements(cuda, "LSoftmaxLinear")
         assert placements and set(placements) == {"CUDAExecutionProvider"}, placements
 
 
