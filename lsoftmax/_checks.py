@@ -1,4 +1,4 @@
-"""Argument checks shared by the numpy APIs (``lsoftmax.core``, ``lsoftmax.lgm_core``)."""
+"""Argument checks shared by the Python APIs (numpy, device arrays, torch)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,11 @@ def int_labels(labels: Any) -> NDArray[np.integer[Any]]:
     if arr.dtype not in _INTS:
         raise TypeError(f"labels must be int32 or int64, got {arr.dtype}")
     return arr
+
+
+def check_features(x_features: int, name: str, features: int, layout: str) -> None:
+    """ValueError unless ``x`` has as many features per row as ``name`` (laid out as ``layout``)."""
+    if x_features != features:
+        raise ValueError(
+            f"x has {x_features} features but {name} has {features} ({name} must be {layout})"
+        )

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from lsoftmax import _core
-from lsoftmax._checks import float_matrix, int_labels
+from lsoftmax._checks import check_features, float_matrix, int_labels
 
 __all__ = [
     "backward",
@@ -37,11 +37,7 @@ get_num_threads = _core.get_num_threads
 def _check_pair(x: NDArray[Any], weight: NDArray[Any]) -> None:
     if x.dtype != weight.dtype:
         raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; they must match")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"x has {x.shape[1]} features but weight has {weight.shape[1]} "
-            "(weight must be (num_classes, in_features))"
-        )
+    check_features(x.shape[1], "weight", weight.shape[1], "(num_classes, in_features)")
 
 
 def forward(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from lsoftmax import _core
+from lsoftmax._checks import check_features
 
 __all__ = [
     "DeviceArray",
@@ -253,11 +254,7 @@ def _pair(x: _Array, w: _Array, labels: _Array) -> None:
     _require(w, 2, _FLOATS)
     _same_dtype(w, x)
     _require(labels, 1, _INTS)
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(
-            f"x has {x.shape[1]} features but weight has {w.shape[1]} "
-            "(weight must be (num_classes, in_features))"
-        )
+    check_features(x.shape[1], "weight", w.shape[1], "(num_classes, in_features)")
     _shape(labels, (x.shape[0],))
 
 

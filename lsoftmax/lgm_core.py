@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from lsoftmax import _core
-from lsoftmax._checks import float_matrix, int_labels
+from lsoftmax._checks import check_features, float_matrix, int_labels
 
 __all__ = ["lgm_backward", "lgm_forward", "log_var_from_variances"]
 
@@ -37,11 +37,7 @@ def _check(x: NDArray[Any], means: NDArray[Any], log_var: NDArray[Any]) -> None:
     for name, a in (("means", means), ("log_var", log_var)):
         if a.dtype != x.dtype:
             raise TypeError(f"{name} is {a.dtype} but x is {x.dtype}; they must match")
-    if x.shape[1] != means.shape[1]:
-        raise ValueError(
-            f"x has {x.shape[1]} features but means has {means.shape[1]} "
-            "(means must be (num_classes, feat_dim))"
-        )
+    check_features(x.shape[1], "means", means.shape[1], "(num_classes, feat_dim)")
 
 
 def log_var_from_variances(variances: NDArray[Any]) -> NDArray[Any]:

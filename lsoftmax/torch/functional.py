@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from lsoftmax._checks import check_features
 from lsoftmax.torch import ops  # also registers torch.ops.lsoftmax
 
 __all__ = [
@@ -52,11 +53,7 @@ def check_inputs(x: Tensor, weight: Tensor, target: Tensor | None) -> None:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     if x.dtype != weight.dtype:
         raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; they must match")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"x has {x.shape[1]} features but weight has {weight.shape[1]} "
-            "(weight must be (out_features, in_features))"
-        )
+    check_features(x.shape[1], "weight", weight.shape[1], "(out_features, in_features)")
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
     check_target(target, x)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lsoftmax import _core
+from lsoftmax._checks import check_features
 from lsoftmax.schedules import Constant, Schedule
 from lsoftmax.torch import _kernels
 from lsoftmax.torch import ops as _ops  # noqa: F401  (registers lsoftmax::schedule_lambda)
@@ -80,11 +81,7 @@ def check_lgm_inputs(x: Tensor, means: Tensor, log_var: Tensor, target: Tensor |
             raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; they must match")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if x.shape[1] != means.shape[1]:
-        raise ValueError(
-            f"x has {x.shape[1]} features but means has {means.shape[1]} "
-            "(means must be (num_classes, feat_dim))"
-        )
+    check_features(x.shape[1], "means", means.shape[1], "(num_classes, feat_dim)")
     if log_var.shape[0] != means.shape[0] or log_var.shape[1] not in (means.shape[1], 1):
         raise ValueError(
             f"log_var has shape {tuple(log_var.shape)} but means has {tuple(means.shape)}; "
