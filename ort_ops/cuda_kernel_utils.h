@@ -35,8 +35,8 @@ inline OrtStatus* cublas_handle(OrtKernelContext* context, const char* op, void*
 template <typename T>
 lsoftmax::cuda::DeviceMatrix device_matrix(const void* p, int64_t rows, int64_t cols) {
   using lsoftmax::cuda::DType;
-  return lsoftmax::cuda::DeviceMatrix{const_cast<void*>(p), rows, cols, cols, 1,
-                                      std::is_same_v<T, double> ? DType::kFloat64 : DType::kFloat32};
+  const DType dtype = std::is_same_v<T, double> ? DType::kFloat64 : DType::kFloat32;
+  return lsoftmax::cuda::DeviceMatrix{const_cast<void*>(p), rows, cols, cols, 1, dtype};
 }
 
 // One device block from ORT's allocator for a kernel's scratch buffers. Returned to the arena

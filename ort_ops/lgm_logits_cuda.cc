@@ -57,9 +57,7 @@ struct LGMLogitsCudaOp
 
 template <typename T>
 OrtStatus* LGMLogitsCudaKernel<T>::ComputeV2(OrtKernelContext* context) {
-  return guarded(kLGMLogits, [&]() -> OrtStatus* {
-    kernel_calls().fetch_add(1, std::memory_order_relaxed);
-    Ort::KernelContext ctx(context);
+  return compute_guarded(kLGMLogits, context, [&](Ort::KernelContext& ctx) -> OrtStatus* {
     LGMLogitsInputs in;
     if (OrtStatus* bad = ReadLGMLogitsInputs(ctx, &in)) return bad;
     const Ort::ConstValue &x = in.x, &means = in.means, &log_var = in.log_var;

@@ -20,9 +20,7 @@ Ort::Value wrap(const Ort::MemoryInfo& mem, std::vector<T>& buf, int64_t rows, i
 
 template <typename T>
 OrtStatus* LGMLogitsKernel<T>::ComputeV2(OrtKernelContext* context) {
-  return guarded(kLGMLogits, [&]() -> OrtStatus* {
-    kernel_calls().fetch_add(1, std::memory_order_relaxed);
-    Ort::KernelContext ctx(context);
+  return compute_guarded(kLGMLogits, context, [&](Ort::KernelContext& ctx) -> OrtStatus* {
     LGMLogitsInputs in;
     if (OrtStatus* bad = ReadLGMLogitsInputs(ctx, &in)) return bad;
     const Ort::ConstValue &x = in.x, &means = in.means, &log_var = in.log_var;

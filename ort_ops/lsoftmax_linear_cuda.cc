@@ -50,9 +50,7 @@ struct LSoftmaxLinearCudaOp
 
 template <typename T>
 OrtStatus* LSoftmaxLinearCudaKernel<T>::ComputeV2(OrtKernelContext* context) {
-  return guarded(kLSoftmaxLinear, [&]() -> OrtStatus* {
-    kernel_calls().fetch_add(1, std::memory_order_relaxed);
-    Ort::KernelContext ctx(context);
+  return compute_guarded(kLSoftmaxLinear, context, [&](Ort::KernelContext& ctx) -> OrtStatus* {
     LSoftmaxLinearInputs in;
     if (OrtStatus* bad = ReadLSoftmaxLinearInputs(ctx, &in)) return bad;
     const Ort::ConstValue &x = in.x, &w = in.w, &labels = in.labels;

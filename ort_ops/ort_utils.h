@@ -160,4 +160,14 @@ OrtStatus* guarded(const char* op, F&& fn) noexcept {
   }
 }
 
+// A kernel's Compute: counts the call (kernel_calls) and runs `body(ctx)` guarded.
+template <typename F>
+OrtStatus* compute_guarded(const char* op, OrtKernelContext* context, F&& body) noexcept {
+  return guarded(op, [&]() -> OrtStatus* {
+    kernel_calls().fetch_add(1, std::memory_order_relaxed);
+    Ort::KernelContext ctx(context);
+    return body(ctx);
+  });
+}
+
 }  // namespace lsoftmax_ort
