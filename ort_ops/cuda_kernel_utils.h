@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "lsoftmax/labels.h"
 #include "lsoftmax/lsoftmax_cuda.h"
 #include "ort_utils.h"
 
@@ -88,14 +89,8 @@ class ScratchLayout {
 // Labels on the host: the CPU core's message for the first one outside [0, c).
 template <typename L>
 OrtStatus* check_labels_on_host(const char* op, const L* labels, int64_t n, int64_t c) {
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t y = static_cast<int64_t>(labels[i]);
-    if (y < 0 || y >= c) {
-      return invalid_argument(op, "labels[" + std::to_string(i) + "] = " + std::to_string(y) +
-                                      " is out of range [0, " + std::to_string(c) + ")");
-    }
-  }
-  return nullptr;
+  const lsoftmax::Status s = lsoftmax::check_label_range(lsoftmax::LabelView<L>{labels, n, 1}, c);
+  return s.ok() ? nullptr : invalid_argument(op, s.message());
 }
 
 // The same for a labels input that check_labels_input accepted (int64 or int32).

@@ -17,6 +17,7 @@
 #include "array_views.h"
 #include "bindings.h"
 #include "cuda_args.h"
+#include "lsoftmax/labels.h"
 #include "lsoftmax/lsoftmax.h"
 #include "lsoftmax/lsoftmax_cuda.h"  // declarations only: the launchers exist with CUDA
 #include "lsoftmax/schedules.h"
@@ -54,15 +55,13 @@ std::string bad_label_message(const cuda::DeviceLabels& l, int64_t num_classes, 
   std::vector<char> host(static_cast<size_t>(span) * item);
   const Status s = cuda::copy_to_host_sync(stream, host.data(), l.data, host.size());
   if (s.ok()) {
-    for (int64_t i = 0; i < l.size; ++i) {
-      const char* p = host.data() + static_cast<size_t>(i * l.stride) * item;
-      const int64_t y = item == 4 ? int64_t{*reinterpret_cast<const int32_t*>(p)}
-                                  : *reinterpret_cast<const int64_t*>(p);
-      if (y < 0 || y >= num_classes) {
-        return "labels[" + std::to_string(i) + "] = " + std::to_string(y) +
-               " is out of range [0, " + std::to_string(num_classes) + ")";
-      }
-    }
+    auto host_view = [&](auto tag) {
+      using L = decltype(tag);
+      return LabelView<L>{reinterpret_cast<const L*>(host.data()), l.size, l.stride};
+    };
+    const Status range = item == 4 ? check_label_range(host_view(int32_t{}), num_classes)
+                                   : check_label_range(host_view(int64_t{}), num_classes);
+    if (!range.ok()) return range.message();
   }
   return "labels has entries out of range [0, " + std::to_string(num_classes) + ")";
 }

@@ -6,7 +6,6 @@
 #include <string>
 
 #include "lsoftmax/status.h"
-#include "lsoftmax/views.h"
 
 namespace lsoftmax::detail {
 
@@ -26,19 +25,6 @@ inline Status check_label_count(int64_t labels, int64_t rows) {
   if (labels == rows) return Status::Ok();
   return Status::InvalidArgument("labels has " + std::to_string(labels) + " entries but x has " +
                                  std::to_string(rows) + " rows");
-}
-
-// Every label in [0, num_classes); the message names the first one that is not.
-template <typename L>
-Status check_label_range(const LabelView<L>& labels, int64_t num_classes) {
-  for (int64_t i = 0; i < labels.size; ++i) {
-    const int64_t y = static_cast<int64_t>(labels[i]);
-    if (y < 0 || y >= num_classes) {
-      return Status::InvalidArgument("labels[" + std::to_string(i) + "] = " + std::to_string(y) +
-                                     " is out of range [0, " + std::to_string(num_classes) + ")");
-    }
-  }
-  return Status::Ok();
 }
 
 // L-GM parameters: means (C x D) with C, D >= 1 and log_var (C x D) or (C x 1).

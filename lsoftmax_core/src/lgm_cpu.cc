@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "lsoftmax/labels.h"
 #include "parallel.h"
 
 namespace lsoftmax {
@@ -48,7 +49,7 @@ template <typename L>
 Status check_labels(const LabelView<L>& labels, int64_t n, int64_t num_classes) {
   if (labels.data == nullptr) return Status::Ok();
   const Status s = detail::check_label_count(labels.size, n);
-  return s.ok() ? detail::check_label_range(labels, num_classes) : s;
+  return s.ok() ? check_label_range(labels, num_classes) : s;
 }
 
 Status validate_nonneg(const char* name, double v) {

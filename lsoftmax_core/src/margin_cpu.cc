@@ -7,6 +7,7 @@
 
 #include "lsoftmax/lsoftmax.h"
 #include "checks.h"
+#include "lsoftmax/labels.h"
 #include "lsoftmax/margin_math.h"
 #include "parallel.h"
 
@@ -147,7 +148,7 @@ Status check_all(const MatrixView<const T>& x, const MatrixView<const T>& w,
                  const LabelView<L>& labels, int64_t margin, double lambda) {
   Status s = validate_margin_params(margin, lambda);
   if (s.ok()) s = check_shapes(x, w, labels.size);
-  if (s.ok()) s = detail::check_label_range(labels, w.rows);
+  if (s.ok()) s = check_label_range(labels, w.rows);
   return s;
 }
 
