@@ -222,6 +222,21 @@ class _Converter:
             return int(blobs[blob_i].data.size)
         _fail(self.path, layer, "cannot tell the channel count: give input_shape")
 
+    def inner_size(
+        self,
+        layer: CaffeLayer,
+        shape: tuple[int, ...] | None,
+        axis: int,
+        blobs: list[CaffeBlob] | None,
+        n: int,
+    ) -> int:
+        """Input size K of an inner-product-like layer: from the bottom's shape, else the weight."""
+        if shape is not None:
+            return math.prod(shape[axis:])
+        if blobs is not None:
+            return int(blobs[0].data.size) // n
+        _fail(self.path, layer, "cannot tell the input size: give input_shape")
+
     def check_bottoms(self, layer: CaffeLayer, n: int) -> None:
         if len(layer.bottoms) < n:
             _fail(self.path, layer, f"needs {n} bottom(s), has {len(layer.bottoms)}")
@@ -330,12 +345,7 @@ class _Converter:
             axis += len(shape)
         if axis < 1:
             _fail(self.path, layer, f"axis {p.axis} is not supported")
-        if shape is not None:
-            k = math.prod(shape[axis:])
-        elif blobs is not None:
-            k = int(blobs[0].data.size) // n
-        else:
-            _fail(self.path, layer, "cannot tell the input size: give input_shape")
+        k = self.inner_size(layer, shape, axis, blobs, n)
         ip = InnerProduct(k, n, bias, axis)
         if blobs is not None:
             with torch.no_grad():
@@ -492,12 +502,7 @@ class _Converter:
             _fail(self.path, train, f"bad lambda schedule: {e}")
         blobs = self.blobs(layer, 1)
         shape = self.bottom_shape(layer)
-        if shape is not None:
-            k = math.prod(shape[axis:])
-        elif blobs is not None:
-            k = int(blobs[0].data.size) // n
-        else:
-            _fail(self.path, layer, "cannot tell the input size: give input_shape")
+        k = self.inner_size(layer, shape, axis, blobs, n)
         head = LSoftmaxLinear(k, n, margin, schedule)
         if blobs is not None:
             with torch.no_grad():
