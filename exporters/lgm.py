@@ -94,22 +94,15 @@ def lgm_logits(
     return opset.LGMLogits(x, means, log_var, labels, **attrs)
 
 
-def _refuse_training(name: str) -> Any:
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        from lsoftmax.exporters.translations import TrainingOpError
-
-        raise TrainingOpError(
-            f"torch.ops.lsoftmax.{name} is L-GM's training form (its margin alpha comes from a "
-            "schedule every step) and cannot be exported to ONNX: call model.eval() before "
-            "exporting (LGMLoss and LGMClassifier then use lsoftmax::lgm_logits), or call "
-            "torch.ops.lsoftmax.lgm_logits with a float alpha for a graph with labels"
-        )
-
-    return refuse
-
-
-# The training-only L-GM ops, each mapped to a translation that refuses it with that advice.
-LGM_TRAINING_ONLY = {name: _refuse_training(name) for name in ("lgm_margin_logits",)}
+# Why each L-GM training-only op cannot be exported, by op name (translations.py raises it).
+LGM_TRAINING_ONLY = {
+    "lgm_margin_logits": (
+        "torch.ops.lsoftmax.lgm_margin_logits is L-GM's training form (its margin alpha comes "
+        "from a schedule every step) and cannot be exported to ONNX: call model.eval() before "
+        "exporting (LGMLoss and LGMClassifier then use lsoftmax::lgm_logits), or call "
+        "torch.ops.lsoftmax.lgm_logits with a float alpha for a graph with labels"
+    ),
+}
 
 
 def _int_attr(b: NodeBuilder, value: object, like: str) -> str:

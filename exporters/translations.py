@@ -75,14 +75,9 @@ def lsoftmax_linear(
     return opset.LSoftmaxLinear(x, weight, labels, **attrs)
 
 
-def _training_only(name: str) -> Callable[..., Any]:
+def _training_only(message: str) -> Callable[..., Any]:
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise TrainingOpError(
-            f"torch.ops.lsoftmax.{name} is a training-only op (its lambda is a tensor that a "
-            "schedule changes every step) and cannot be exported to ONNX: call model.eval() "
-            "before exporting, or use lsoftmax.torch.functional.lsoftmax_logits(x, weight, "
-            "target, margin, lam) with a float lam for a graph with labels"
-        )
+        raise TrainingOpError(message)
 
     return refuse
 
@@ -93,9 +88,23 @@ SCHEMAS: list[Callable[[], OpSchema]] = [_lsoftmax_linear_schema, lgm_logits_sch
 TRANSLATIONS: dict[str, Callable[..., Any]] = {
     "linear": lsoftmax_linear,
     "lgm_logits": lgm_logits,
+}
+
+
+def _lsoftmax_training_only(name: str) -> str:
+    return (
+        f"torch.ops.lsoftmax.{name} is a training-only op (its lambda is a tensor that a "
+        "schedule changes every step) and cannot be exported to ONNX: call model.eval() "
+        "before exporting, or use lsoftmax.torch.functional.lsoftmax_logits(x, weight, "
+        "target, margin, lam) with a float lam for a graph with labels"
+    )
+
+
+# Ops that exist only in training graphs, with the message that refuses their export.
+TRAINING_ONLY: dict[str, str] = {
+    **{name: _lsoftmax_training_only(name) for name in ("margin_linear", "schedule_lambda")},
     **LGM_TRAINING_ONLY,
 }
-TRAINING_ONLY = ("margin_linear", "schedule_lambda")
 
 
 def translation_table() -> dict[Any, Callable[..., Any]]:
@@ -110,6 +119,6 @@ def translation_table() -> dict[Any, Callable[..., Any]]:
     table: dict[Any, Callable[..., Any]] = {
         getattr(ops, name).default: fn for name, fn in TRANSLATIONS.items()
     }
-    for name in TRAINING_ONLY:
-        table[getattr(ops, name).default] = _training_only(name)
+    for name, message in TRAINING_ONLY.items():
+        table[getattr(ops, name).default] = _training_only(message)
     return table
