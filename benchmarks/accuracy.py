@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             r = train(
                 cfg,
                 out / f"m{margin}_s{seed}",
+                overwrite=True,  # a rerun replaces its cells
                 progress=False,
                 dataset=ds,
                 save_checkpoints=False,

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # Command modules under lsoftmax.commands, in the order --help lists them.
 COMMANDS = ("demo", "train", "plot", "export", "infer", "convert")
@@ -15,12 +16,41 @@ class CLIError(Exception):
     """An error reported to the user as one line, without a traceback."""
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` shows every option's default, unless its help text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and default not in (None, False, [], argparse.SUPPRESS)
+            and "default" not in text
+            and "%(default)" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """Every ``lsoftmax`` (sub)command parser: help with defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from lsoftmax import __version__
+
+    parser = Parser(
         prog="lsoftmax",
         description="Large-margin softmax (L-Softmax, L-GM): train, export, serve, convert.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"lsoftmax {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"lsoftmax.commands.{name}")

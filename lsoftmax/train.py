@@ -6,14 +6,21 @@ config) and ``final.json`` (test accuracy at the end). Resuming from a checkpoin
 same lambda sequence because the schedule's step counter is the ``step`` buffer of the
 L-Softmax head, saved in the model's ``state_dict``; the data order of each epoch depends only on
 ``(seed, epoch)``, so a resumed run sees the same batches as an uninterrupted one.
+
+A new run refuses a directory that already holds a run (``overwrite=True`` clears it first), and
+an epoch's metrics line and checkpoint are written together with SIGINT held back, so Ctrl-C
+never leaves a half-written ``checkpoint.pt.tmp`` or a metrics line the checkpoint lacks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,19 +34,47 @@ from lsoftmax.schedules import Constant, Exponential, Scaled, Schedule
 
 __all__ = [
     "TrainConfig",
+    "default_lr",
     "default_model",
     "evaluate",
     "make_schedule",
+    "torch_device",
     "train",
 ]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+# What a run writes into its directory (and what overwrite=True removes).
+RUN_FILES = ("config.json", METRICS, CHECKPOINT, CHECKPOINT + ".tmp", "final.json")
+
+
+def torch_device(name: str) -> torch.device:
+    """``"cpu"`` or ``"cuda"`` as a torch device; ``ValueError`` if it cannot be used here."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no GPU found"
+            raise ValueError(f"CUDA is not available to torch ({build}); use --device cpu")
+        return torch.device("cuda")
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {name!r}")
 
 
 def default_model(dataset: str) -> str:
     """The model ``lsoftmax train`` picks when ``--model`` is not given."""
     return "mlp" if dataset == "digits" else "mnist_net"
+
+
+# The base LR when none is given. feat2d_net's 2-unit feature layer has no normalization after
+# it, and at 0.1 both heads blow up in the first epoch on digits (L-GM: non-finite log-variance;
+# softmax: NaN loss); 0.01 trains both.
+DEFAULT_LR = 0.1
+MODEL_DEFAULT_LR = {"feat2d_net": 0.01}
+
+
+def default_lr(model: str) -> float:
+    """The learning rate a run of ``model`` gets when ``lr`` is not given."""
+    return MODEL_DEFAULT_LR.get(model, DEFAULT_LR)
 
 
 def make_schedule(kind: str, **params: float | None) -> Schedule:
@@ -70,7 +105,7 @@ class TrainConfig:
     lgm: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 0.1
+    lr: float | None = None  # None: default_lr(model)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     milestones: list[int] = field(default_factory=list)
@@ -93,6 +128,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.lr is None:
+            self.lr = default_lr(self.model_name())
         for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
@@ -174,8 +211,76 @@ def _save(
         "schedule_step": model.step,
     }
     tmp = path.with_name(path.name + ".tmp")
-    save_checkpoint(tmp, cfg.model_name(), model_kwargs, model, extra)
-    tmp.replace(path)
+    try:
+        save_checkpoint(tmp, cfg.model_name(), model_kwargs, model, extra)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Defer SIGINT to the end of the block, so Ctrl-C cannot split an epoch's metrics line and
+    checkpoint. A Python-level handler (always run in the main thread), not a signal mask: the
+    mask is per thread, and the kernel hands a process-wide SIGINT to any thread not masking it
+    (torch's workers), which would interrupt the main thread mid-save anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        if callable(old):
+            old(signal.SIGINT, None)
+        elif old != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+def _read_metrics(path: Path, last_epoch: int) -> list[str]:
+    """The metrics lines of epochs 1..last_epoch (a line the checkpoint lacks, or one cut off by
+    a kill, is dropped: the resumed run writes it again)."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(epoch, int) and epoch <= last_epoch:
+            kept.append(line)
+    return kept
+
+
+def _is_run_dir(out: Path) -> bool:
+    return any((out / name).exists() for name in RUN_FILES)
+
+
+def _prepare_run_dir(
+    out: Path, resume: Path | None, resumed_epoch: int, overwrite: bool
+) -> None:
+    """Refuse to mix two runs in one directory; carry a resumed run's metrics over."""
+    same_dir = resume is not None and out.resolve() == resume.resolve().parent
+    history = _read_metrics(resume.parent / METRICS, resumed_epoch) if resume is not None else []
+    if same_dir:
+        (out / (CHECKPOINT + ".tmp")).unlink(missing_ok=True)
+        (out / "final.json").unlink(missing_ok=True)  # rewritten when the resumed run ends
+    elif _is_run_dir(out):
+        if not overwrite:
+            found = ", ".join(n for n in RUN_FILES if (out / n).exists())
+            raise FileExistsError(
+                f"{out} already holds a run ({found}); pass --overwrite to replace it, "
+                "--resume to continue it, or choose another --out"
+            )
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        (out / METRICS).write_text("".join(line + "\n" for line in history))
 
 
 def _load_resume(path: Path) -> tuple[MarginClassifier, dict[str, Any]]:
@@ -191,9 +296,11 @@ def _load_resume(path: Path) -> tuple[MarginClassifier, dict[str, Any]]:
 
 def train(
     cfg: TrainConfig,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     *,
     resume: str | Path | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
     progress: bool | None = None,
     log: Callable[[str], None] | None = print,
     dataset: Dataset | None = None,
@@ -202,10 +309,17 @@ def train(
     """Train (or resume) a run into ``out_dir``; returns the final summary (also ``final.json``).
 
     With ``resume``, the configuration comes from the checkpoint except ``cfg.epochs`` (the total
-    number of epochs; 0 keeps the saved one); training continues after the saved epoch.
+    number of epochs; 0 keeps the saved one); training continues after the saved epoch, by
+    default in the checkpoint's directory. A new run refuses a directory that holds a run unless
+    ``overwrite``. ``device`` is ``"cpu"`` or ``"cuda"`` (checked before anything is loaded).
     """
     from tqdm.auto import tqdm
 
+    dev = torch_device(device)
+    if out_dir is None:
+        if resume is None:
+            raise ValueError("out_dir is needed for a new run (only a resumed run has a default)")
+        out_dir = Path(resume).parent
     out = Path(out_dir)
     start_epoch = 0
     resumed: dict[str, Any] | None = None
@@ -222,22 +336,22 @@ def train(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
 
+    _prepare_run_dir(out, Path(resume) if resume is not None else None, start_epoch, overwrite)
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
     ds = subset(ds, cfg.limit, cfg.seed, cfg.test_limit)
     model_kwargs = cfg.model_kwargs(ds)
     if model is None:
         model = build_model(cfg.model_name(), **model_kwargs)
-    model.train()
+    model.to(dev).train()
     opt, sched = _make_optimizer(model, cfg)
     if resumed is not None:
         opt.load_state_dict(resumed["optimizer"])
         sched.load_state_dict(resumed["lr_scheduler"])
+    x_train, y_train = ds.x_train.to(dev), ds.y_train.to(dev)
+    x_test, y_test = ds.x_test.to(dev), ds.y_test.to(dev)
 
-    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     metrics_path = out / METRICS
-    if resumed is None and metrics_path.exists():
-        metrics_path.unlink()
     n = len(ds.y_train)
     if log:
         log(
@@ -258,7 +372,8 @@ def train(
         loss_sum, correct, seen = 0.0, 0, 0
         lambdas: list[float] = []
         for idx in bar:
-            xb, yb = ds.x_train[idx], ds.y_train[idx]
+            idx = idx.to(dev)
+            xb, yb = x_train[idx], y_train[idx]
             loss, logits = model.loss(xb, yb)
             if not torch.isfinite(loss.detach()):
                 raise RuntimeError(
@@ -282,7 +397,7 @@ def train(
         bar.close()
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        test_loss, test_acc = evaluate(model, ds.x_test, ds.y_test)
+        test_loss, test_acc = evaluate(model, x_test, y_test)
         model.train()
         record = {
             "epoch": epoch + 1,
@@ -296,17 +411,21 @@ def train(
             "test_acc": test_acc,
             "seconds": time.perf_counter() - t0,
         }
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if save_checkpoints:
-            _save(out / CHECKPOINT, model, cfg, model_kwargs, ds.input_shape, epoch + 1, opt, sched)
+        with _sigint_held():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if save_checkpoints:
+                _save(
+                    out / CHECKPOINT, model, cfg, model_kwargs, ds.input_shape, epoch + 1, opt,
+                    sched,
+                )
         if log:
             lam_s = "" if record["lambda_last"] is None else f", lambda {record['lambda_last']:.4g}"
             log(
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "
                 f"train acc {record['train_acc']:.4f}, test acc {test_acc:.4f}{lam_s}"
             )
-    _, test_acc = evaluate(model, ds.x_test, ds.y_test)
+    _, test_acc = evaluate(model, x_test, y_test)
     summary = {
         "test_acc": test_acc,
         "test_error": 1.0 - test_acc,

@@ -107,12 +107,66 @@ def test_infer_with_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     np.save(tmp_path / "t.npy", t.numpy().astype(np.int32))
     args = ["infer", str(tmp_path / "l.onnx"), str(tmp_path / "x.npy")]
     out = str(tmp_path / "o.npy")
-    assert main([*args, "--labels", str(tmp_path / "t.npy"), "--out", out]) == 0
+    assert main([*args, "--margin-labels", str(tmp_path / "t.npy"), "--out", out]) == 0
     with torch.no_grad():
         assert max_rel_err(np.load(out), net(x, t)) <= 1e-5
     capsys.readouterr()
     assert main(args) == 2  # the labels input is required
-    assert "needs --labels" in capsys.readouterr().err
+    assert "needs --margin-labels" in capsys.readouterr().err
+    # An int32 labels input: 2**32 + 3 would wrap to 3 in a cast; it is an error instead.
+    np.save(tmp_path / "big.npy", np.array([0, 1, 2, 3, 2**32 + 3, 5], np.int64))
+    err = _error([*args, "--margin-labels", str(tmp_path / "big.npy")], capsys)
+    assert "4294967299" in err and "int32" in err
+
+
+def test_infer_labels_give_accuracy(
+    saved: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, model = saved
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(path), str(onnx_path)]) == 0
+    x, _ = inputs(model, 20, torch.float32, seed=7)
+    with torch.no_grad():
+        pred = model(x).argmax(1).numpy()
+    truth = pred.copy()
+    truth[:5] = (truth[:5] + 1) % 7  # 5 of 20 wrong: accuracy 0.75, independent of the model
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", truth)
+    capsys.readouterr()
+    assert main(["infer", str(onnx_path), str(tmp_path / "x.npy"), "--labels",
+                 str(tmp_path / "y.npy")]) == 0
+    assert "accuracy 0.7500 (15/20 rows)" in capsys.readouterr().out
+    np.save(tmp_path / "short.npy", truth[:3])
+    err = _error(["infer", str(onnx_path), str(tmp_path / "x.npy"), "--labels",
+                  str(tmp_path / "short.npy")], capsys)
+    assert "3 labels for 20 input rows" in err
+    np.save(tmp_path / "float.npy", truth.astype(np.float32))
+    err = _error(["infer", str(onnx_path), str(tmp_path / "x.npy"), "--labels",
+                  str(tmp_path / "float.npy")], capsys)
+    assert "--labels must be a 1-D integer array" in err
+    np.save(tmp_path / "huge.npy", np.full(20, 2**64 - 1, np.uint64))
+    err = _error(["infer", str(onnx_path), str(tmp_path / "x.npy"), "--labels",
+                  str(tmp_path / "huge.npy")], capsys)
+    assert f"--labels holds {2**64 - 1}, outside the model's 7 classes" in err
+
+
+def test_infer_out_names_the_file_it_writes(
+    saved: tuple[Path, torch.nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, model = saved
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(path), str(onnx_path)]) == 0
+    x, _ = inputs(model, 3, torch.float32)
+    np.save(tmp_path / "x.npy", x.numpy())
+    capsys.readouterr()
+    assert main(["infer", str(onnx_path), str(tmp_path / "x.npy"), "--out",
+                 str(tmp_path / "logits")]) == 0
+    assert f"saved {tmp_path / 'logits.npy'}" in capsys.readouterr().out
+    assert np.load(tmp_path / "logits.npy").shape == (3, 7)
+    (tmp_path / "d").mkdir()
+    err = _error(["infer", str(onnx_path), str(tmp_path / "x.npy"), "--out",
+                  str(tmp_path / "d")], capsys)
+    assert "is a directory" in err
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -138,12 +192,15 @@ def test_cli_errors_are_one_line(
     err = _error(["infer", str(onnx_path), str(tmp_path / "bad.npy")], capsys)
     assert "not a readable .npy" in err
     assert "does not exist" in _error(["infer", str(onnx_path), str(tmp_path / "no.npy")], capsys)
-    err = _error(["infer", str(onnx_path), x, "--labels", x], capsys)
+    err = _error(["infer", str(onnx_path), x, "--margin-labels", x], capsys)
     assert "no labels input" in err
     np.save(tmp_path / "wrong.npy", np.zeros((2, 5), np.float32))
     assert "shape" in _error(["infer", str(onnx_path), str(tmp_path / "wrong.npy")], capsys)
-    err = _error(["infer", str(onnx_path), x, "--provider", "tpu"], capsys)
-    assert "unknown execution provider" in err
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        err = _error(["infer", str(onnx_path), x, "--device", "cuda"], capsys)
+        assert err.startswith("lsoftmax infer: error: --device cuda:")
     err = _error(["export", str(tmp_path / "bad.pt"), str(tmp_path / "o.onnx")], capsys)
     assert err.startswith("lsoftmax export: error:") and "checkpoint" in err
     err = _error(["export", str(path), str(tmp_path / "o.onnx"), "--opset", "9"], capsys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -161,3 +162,111 @@ def test_lgm_guard_when_head_is_missing(
     monkeypatch.setattr(lsoftmax.models, "lgm_available", lambda: False)
     assert main(["train", *TINY, "--loss", "lgm", "--out", str(tmp_path)]) == 2
     assert "needs lsoftmax.torch.LGMLoss" in capsys.readouterr().err
+
+
+def test_resume_without_out_writes_into_the_checkpoint_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where a default runs/latest would go
+    run = tmp_path / "a"
+    assert main(["train", *TINY, *FAST, "--epochs", "1", "--out", str(run)]) == 0
+    assert main(["train", "--resume", str(run / "checkpoint.pt"), "--epochs", "2"]) == 0
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    assert json.loads((run / "final.json").read_text())["epochs"] == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_new_run_into_an_existing_run_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--margin", "2", "--epochs", "2", "--out", str(run)]) == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *TINY, "--margin", "3", "--epochs", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err
+    assert (run / "checkpoint.pt").read_bytes() == before  # untouched
+    args = ["train", *TINY, "--margin", "3", "--epochs", "1", "--out", str(run), "--overwrite"]
+    assert main(args) == 0
+    assert [m["epoch"] for m in read_metrics(run)] == [1]
+    assert json.loads((run / "config.json").read_text())["margin"] == 3
+    assert json.loads((run / "final.json").read_text())["epochs"] == 1
+    # An empty directory is not a run: no --overwrite needed.
+    (tmp_path / "empty").mkdir()
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "empty")]) == 0
+
+
+def test_resume_into_another_directory_carries_the_metrics(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *TINY, *FAST, "--epochs", "1", "--out", str(a)]) == 0
+    args = ["train", "--resume", str(a / "checkpoint.pt"), "--epochs", "2", "--no-progress"]
+    assert main([*args, "--out", str(b)]) == 0
+    assert [m["epoch"] for m in read_metrics(b)] == [1, 2]
+    assert [m["epoch"] for m in read_metrics(a)] == [1]  # the source run is left as it was
+    assert main([*args, "--out", str(b)]) == 2  # b holds a run now
+
+
+def _interrupt_during_save(monkeypatch: pytest.MonkeyPatch, at_epoch: int) -> None:
+    """Make the checkpoint save of ``at_epoch`` receive a real SIGINT halfway through writing."""
+    import signal
+
+    import lsoftmax.checkpoint
+
+    real = lsoftmax.checkpoint.save_checkpoint
+
+    def save(path: Path, *args: object, **kwargs: object) -> None:
+        if args[-1]["epoch"] == at_epoch:  # type: ignore[index]
+            Path(path).write_bytes(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGINT)
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lsoftmax.checkpoint, "save_checkpoint", save)
+
+
+def test_sigint_during_save_leaves_a_consistent_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, full = tmp_path / "run", tmp_path / "full"
+    common = [*TINY, *FAST, "--margin", "2"]
+    assert main(["train", *common, "--epochs", "3", "--out", str(full)]) == 0
+    _interrupt_during_save(monkeypatch, at_epoch=2)
+    assert main(["train", *common, "--epochs", "3", "--out", str(run)]) == 130
+    monkeypatch.undo()
+    # The save finished before the interrupt took effect: epoch 2 is complete on disk.
+    assert not (run / "checkpoint.pt.tmp").exists()
+    _, meta = load_model(run / "checkpoint.pt")
+    assert meta["epoch"] == 2
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    assert main(["train", "--resume", str(run / "checkpoint.pt"), "--no-progress"]) == 0
+    got, want = read_metrics(run), read_metrics(full)
+    assert [m["epoch"] for m in got] == [1, 2, 3]  # no duplicated epoch
+    for a, b in zip(got, want, strict=True):
+        assert (a["step"], a["lambda_last"]) == (b["step"], b["lambda_last"])
+
+
+def test_resume_drops_a_metrics_line_the_checkpoint_lacks(tmp_path: Path) -> None:
+    # What a kill between the metrics line and the checkpoint would leave: metrics one ahead,
+    # a stale .tmp and a half-written last line.
+    run = tmp_path / "run"
+    assert main(["train", *TINY, *FAST, "--epochs", "2", "--out", str(run)]) == 0
+    first = read_metrics(run)[0]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**first, "epoch": 3}) + "\n" + '{"epoch": 4, "st')
+    (run / "checkpoint.pt.tmp").write_bytes(b"partial")
+    assert main(["train", "--resume", str(run / "checkpoint.pt"), "--epochs", "3"]) == 0
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+    assert read_metrics(run)[2]["step"] == 9
+    assert not (run / "checkpoint.pt.tmp").exists()
+
+
+
+@pytest.mark.parametrize("head", [["--loss", "lgm"], ["--margin", "1"]])
+def test_feat2d_net_trains_at_the_default_lr(head: list[str], tmp_path: Path) -> None:
+    # At lr 0.1 both blew up in epoch 1 (L-GM: "log_var[0, 1] is not finite"; softmax: NaN).
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--model", "feat2d_net", *head, "--epochs", "1"]
+    assert main([*args, "--threads", "1", "--no-progress", "--out", str(run)]) == 0
+    (metrics,) = read_metrics(run)
+    assert metrics["lr"] == 0.01 and json.loads((run / "config.json").read_text())["lr"] == 0.01
+    assert math.isfinite(metrics["train_loss"]) and metrics["test_acc"] > 0.15  # chance: 0.1

