@@ -22,9 +22,12 @@ class DefaultsFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
+        # Identity, not ==: 0 and 0.0 are defaults worth showing, None/False/[] are not.
+        unset = default is None or default is False or default is argparse.SUPPRESS
         if (
             action.option_strings
-            and default not in (None, False, [], argparse.SUPPRESS)
+            and not unset
+            and default != []
             and "default" not in text
             and "%(default)" not in text
         ):
