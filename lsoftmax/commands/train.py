@@ -10,6 +10,7 @@ from lsoftmax.commands._device import add_device_argument, check_torch_device
 
 if TYPE_CHECKING:
     from lsoftmax.schedules import Schedule
+    from lsoftmax.train import TrainConfig
 
 DATASET_CHOICES = ("digits", "fashion-mnist", "mnist", "cifar10")
 
@@ -122,6 +123,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue RUN_DIR/checkpoint.pt (its config wins; --epochs may extend it)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("distributed (lsoftmax.train_distributed; docs/huge.md)")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on N local gloo processes: DDP backbone, class-sharded L-Softmax head",
+    )
+    g.add_argument(
+        "--sample-rate", type=float, default=1.0, help="--nproc: partial-FC share of negatives"
+    )
     p.set_defaults(func=run)
 
 
@@ -181,12 +192,36 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     out = args.out if args.out is not None else (None if args.resume else "runs/latest")
+    progress = False if args.no_progress else None
+    if args.nproc != 1:
+        return _run_distributed(args, cfg, out or "runs/latest", progress)
     train(
         cfg,
         out,
         resume=args.resume,
         overwrite=args.overwrite,
         device=args.device,
-        progress=False if args.no_progress else None,
+        progress=progress,
     )
+    return 0
+
+
+def _run_distributed(
+    args: argparse.Namespace, cfg: TrainConfig, out: str, progress: bool | None
+) -> int:
+    from lsoftmax.cli import CLIError
+    from lsoftmax.train_distributed import train_distributed
+
+    if args.nproc < 1:
+        raise CLIError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.resume is not None or args.loss != "lsoftmax":
+        raise CLIError("--nproc supports fresh L-Softmax runs (no --resume, no --loss lgm)")
+    if getattr(args, "device", None) not in (None, "cpu"):
+        raise CLIError("--nproc runs gloo processes on the CPU (no --device cuda yet)")
+    try:
+        train_distributed(
+            cfg, out, nproc=args.nproc, progress=progress, sample_rate=args.sample_rate
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from e
     return 0

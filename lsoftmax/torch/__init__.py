@@ -2,12 +2,14 @@
 
 from lsoftmax.schedules import Constant, Exponential, Scaled, Schedule
 from lsoftmax.torch import functional, ops
+from lsoftmax.torch.fused import MarginCrossEntropy
 from lsoftmax.torch.modules import LSoftmaxLinear
 
 __all__ = [
     "Constant",
     "Exponential",
     "LSoftmaxLinear",
+    "MarginCrossEntropy",
     "Scaled",
     "Schedule",
     "functional",

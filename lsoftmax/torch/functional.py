@@ -16,6 +16,7 @@ __all__ = [
     "check_margin",
     "check_target",
     "lsoftmax_logits",
+    "margin_cross_entropy",
 ]
 
 _FLOATS = (torch.float32, torch.float64)
@@ -112,3 +113,8 @@ def checked_logits(
     if isinstance(lam, Tensor):
         return torch.ops.lsoftmax.margin_linear(x, weight, target, lam.to(torch.float64), margin)
     return torch.ops.lsoftmax.linear(x, weight, target, margin, lam)
+
+
+# The fused loss lives in its own module (it builds on the checks above); imported last so that
+# either module can be imported first.
+from lsoftmax.torch.fused import margin_cross_entropy  # noqa: E402

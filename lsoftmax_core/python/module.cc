@@ -193,4 +193,5 @@ PYBIND11_MODULE(_core, m) {
 #endif
   bind_lgm(m);
   bind_cuda(m);
+  bind_fused(m);
 }
