@@ -20,12 +20,14 @@ from lsoftmax.converters.caffe_reader import (
     CaffeBlob,
     CaffeLayer,
     CaffeNet,
+    parse_blob,
     read_caffemodel,
     read_prototxt,
 )
 from lsoftmax.converters.graph import ConvertedNet, GraphBuilder, MappingRow, param_shapes
 from lsoftmax.converters.modules import (
     BatchNorm,
+    CaffeTransform,
     ChannelScale,
     Concat,
     Eltwise,
@@ -38,6 +40,8 @@ from torch import nn
 __all__ = ["SUPPORTED_TYPES", "from_caffe", "unsupported_layer"]
 
 DATA_TYPES = ("Data", "HDF5Data", "ImageData", "MemoryData", "WindowData", "DummyData", "Input")
+# The data layers that run Caffe's DataTransformer on what they read (transform_param).
+TRANSFORMED_TYPES = ("Data", "ImageData", "MemoryData", "WindowData")
 DROPPED_TYPES = (
     "SoftmaxWithLoss",
     "Accuracy",
@@ -602,6 +606,71 @@ class _Converter:
         if shape is not None:
             self.shapes[layer.tops[0]] = (shape[0], n)
 
+    def transform(self, layer: CaffeLayer) -> None:
+        """A data layer's ``transform_param`` as the first step of the net (TEST phase: centre
+        crop, no mirror), so the converted net takes the data as the layer reads it."""
+        p = layer.param("transform_param")
+        has_mean_file = bool(p.mean_file)
+        if not (p.mean_value or has_mean_file or p.scale != 1.0 or p.crop_size):
+            return
+        if has_mean_file and p.mean_value:
+            _fail(self.path, layer, "transform_param sets both mean_file and mean_value")
+        if not layer.tops:
+            _fail(self.path, layer, "has no top")
+        top = layer.tops[0]
+        shape = self.shapes.get(top)
+        mean: torch.Tensor | None = None
+        if has_mean_file:
+            mean = self._mean_image(layer, p.mean_file)
+        elif p.mean_value:
+            mean = torch.tensor(list(p.mean_value), dtype=torch.float32)
+            channels = shape[1] if shape is not None and len(shape) > 1 else None
+            if len(mean) > 1 and channels is not None and len(mean) != channels:
+                _fail(
+                    self.path,
+                    layer,
+                    f"transform_param has {len(mean)} mean_value entries for {channels} channels",
+                )
+        crop = int(p.crop_size)
+        module = CaffeTransform(mean, float(p.scale), crop)
+        self.builder.add(layer.name, module, [top], top)
+        if shape is not None and crop:
+            if len(shape) != 4 or shape[2] < crop or shape[3] < crop:
+                _fail(self.path, layer, f"crop_size {crop} does not fit input shape {list(shape)}")
+            shape = (*shape[:2], crop, crop)
+        self.shapes[top] = shape
+        notes = ["TEST phase: centre crop" if crop else ""]
+        notes.append("mirror not applied" if p.mirror else "")
+        self.builder.mapping.append(
+            MappingRow(
+                layer.name,
+                "transform_param",
+                type(module).__name__,
+                param_shapes(module),
+                "; ".join(n for n in notes if n),
+            )
+        )
+
+    def _mean_image(self, layer: CaffeLayer, mean_file: str) -> torch.Tensor:
+        # Caffe opens mean_file relative to its working directory; the prototxt's own directory
+        # is the other place a copied model keeps it.
+        candidates = [mean_file, os.path.join(os.path.dirname(self.path), mean_file)]
+        found = next((c for c in candidates if os.path.isfile(c)), None)
+        if found is None:
+            _fail(
+                self.path,
+                layer,
+                f"transform_param mean_file {mean_file!r} not found (looked in the working "
+                "directory and beside the prototxt); copy it there, or convert with "
+                "transform=False and subtract the mean yourself",
+            )
+        blob = parse_blob(found)
+        shape = blob.data.shape
+        if not (len(shape) == 3 or (len(shape) == 4 and shape[0] == 1)):
+            _fail(self.path, layer, f"{found}: mean image has shape {list(shape)}, not (1,C,)H,W")
+        data = blob.data.reshape(shape[-3:])
+        return torch.from_numpy(np.ascontiguousarray(data, np.float32))
+
     def handlers(self) -> dict[str, Callable[[CaffeLayer], None]]:
         return {
             "Convolution": self.convolution,
@@ -696,13 +765,18 @@ def from_caffe(
     caffemodel: str | os.PathLike[str] | None = None,
     phase: str = "test",
     input_shape: tuple[int, ...] | None = None,
+    *,
+    transform: bool = True,
 ) -> ConvertedNet:
     """Convert a Caffe net (prototxt + optional caffemodel) to a torch module, in eval mode.
 
     ``phase`` ("test" or "train") selects layers by their include/exclude rules, as Caffe
     does. ``input_shape`` (N, C, H, W) of the data blob enables shape checks and is needed
     without a caffemodel when the prototxt does not declare it. Without a caffemodel the
-    weights are freshly initialized.
+    weights are freshly initialized. ``transform``: a data layer's ``transform_param``
+    (``mean_value`` or ``mean_file``, ``scale``, ``crop_size``) becomes the net's first step,
+    as Caffe's TEST phase applies it, so the net takes raw data; False leaves it out (for data
+    that is already transformed).
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be 'train' or 'test', got {phase!r}")
@@ -723,6 +797,8 @@ def from_caffe(
             conv.builder.mapping.append(
                 MappingRow(layer.name, layer.type, "(input)", "", ", ".join(layer.tops))
             )
+            if transform and layer.type in TRANSFORMED_TYPES:
+                conv.transform(layer)
             continue
         if layer.type in DROPPED_TYPES:
             conv.builder.mapping.append(

@@ -20,6 +20,7 @@ from lsoftmax.converters.proto_schema import load_proto
 __all__ = [
     "CaffeBlob",
     "CaffeLayer",
+    "parse_blob",
     "parse_caffemodel",
     "read_caffemodel",
     "read_prototxt",
@@ -243,6 +244,20 @@ def read_prototxt(path: str | os.PathLike[str]) -> CaffeNet:
         raise ValueError(f"{p}: not a valid Caffe prototxt: {strict_error}") from None
     layers, legacy = _layers(net, p)
     return CaffeNet(p, net.name, layers, _net_inputs(net, p), legacy)
+
+
+def parse_blob(path: str | os.PathLike[str]) -> CaffeBlob:
+    """Read a binary ``BlobProto`` file (a ``.binaryproto`` mean image)."""
+    p = os.fspath(path)
+    raw = _read_bytes(p)
+    if not raw:
+        raise ValueError(f"{p}: empty file, not a binaryproto blob")
+    msg = schema()["caffe.BlobProto"]()
+    try:
+        msg.ParseFromString(raw)
+    except (pb_message.DecodeError, RecursionError, ValueError) as e:
+        raise ValueError(f"{p}: corrupt or truncated binaryproto ({e})") from None
+    return _blob(msg, p, legacy=False)
 
 
 def read_caffemodel(path: str | os.PathLike[str]) -> CaffeNet:

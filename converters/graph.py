@@ -123,6 +123,18 @@ class ConvertedNet(nn.Module):
         outs = tuple(get(n) for n in self.output_names)
         return outs[0] if len(outs) == 1 else outs
 
+    def onnx_output_names(self) -> list[str]:
+        """Names for the exported ONNX outputs (``lsoftmax.exporters.output_names``): one output
+        is ``probabilities`` when a softmax produces it (MXNet's SoftmaxOutput, Caffe's Softmax)
+        and ``logits`` otherwise; several keep their source names."""
+        if len(self.output_names) != 1:
+            return list(self.output_names)
+        name = self.aliases.get(self.output_names[0], self.output_names[0])
+        producer = next((n for n in reversed(self.nodes) if n.output == name), None)
+        if producer is not None and isinstance(self.layers[producer.key], nn.Softmax):
+            return ["probabilities"]
+        return ["logits"]
+
     def extra_repr(self) -> str:
         return f"data={self.data_name!r}, label={self.label_name!r}, outputs={self.output_names!r}"
 

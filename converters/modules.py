@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "BatchNorm",
+    "CaffeTransform",
     "ChannelScale",
     "Concat",
     "Eltwise",
@@ -152,6 +153,52 @@ class ChannelScale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.weight.shape)}, bias={self.bias is not None}, axis={self.axis}"
+
+
+class CaffeTransform(nn.Module):
+    """Caffe's ``transform_param`` as the TEST phase applies it to a data layer's images:
+    a centre crop to ``crop_size`` (0: none), then ``(x - mean) * scale``, where ``mean`` is
+    per channel (``mean_value``: one value, or one per channel) or a (C, H, W) mean image
+    (``mean_file``, cropped with the image)."""
+
+    mean: Tensor | None
+
+    def __init__(self, mean: Tensor | None, scale: float, crop_size: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.scale = float(scale)
+        self.crop_size = int(crop_size)
+
+    def _crop(self, t: Tensor) -> Tensor:
+        c = self.crop_size
+        h, w = t.shape[-2], t.shape[-1]
+        if h < c or w < c:
+            raise ValueError(f"crop_size {c} is larger than the input's {h}x{w} images")
+        top, left = (h - c) // 2, (w - c) // 2  # Caffe's TEST-phase offsets
+        return t[..., top : top + c, left : left + c]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"expected (N, C, ...) images, got shape {tuple(x.shape)}")
+        if self.crop_size:
+            x = self._crop(x)
+        if self.mean is not None:
+            mean = self.mean
+            if mean.dim() == 3 and self.crop_size:
+                mean = self._crop(mean)
+            if mean.dim() == 1 and mean.numel() > 1 and mean.numel() != x.shape[1]:
+                raise ValueError(
+                    f"transform_param has {mean.numel()} mean values but the input has "
+                    f"{x.shape[1]} channels"
+                )
+            x = x - (_channel_view(mean, x) if mean.dim() == 1 else mean)
+        if self.scale != 1.0:
+            x = x * self.scale
+        return x
+
+    def extra_repr(self) -> str:
+        mean = None if self.mean is None else list(self.mean.shape)
+        return f"mean={mean}, scale={self.scale:g}, crop_size={self.crop_size}"
 
 
 class GlobalPool(nn.Module):

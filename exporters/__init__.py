@@ -4,7 +4,7 @@
 >>> export_onnx(model.eval(), torch.randn(8, 64), "model.onnx", mode="function")  # doctest: +SKIP
 """
 
-from lsoftmax.exporters.export import MODES, check, export_onnx, finalize
+from lsoftmax.exporters.export import MODES, check, export_onnx, finalize, output_names
 from lsoftmax.exporters.translations import TrainingOpError
 
-__all__ = ["MODES", "TrainingOpError", "check", "export_onnx", "finalize"]
+__all__ = ["MODES", "TrainingOpError", "check", "export_onnx", "finalize", "output_names"]

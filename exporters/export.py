@@ -12,7 +12,7 @@ from lsoftmax.exporters.domain import MIN_OPSET
 from lsoftmax.exporters.functions import attach_functions, custom_nodes, inline_portable
 from lsoftmax.exporters.translations import TrainingOpError, translation_table
 
-__all__ = ["MODES", "check", "export_onnx", "finalize"]
+__all__ = ["MODES", "check", "export_onnx", "finalize", "output_names"]
 
 MODES = ("portable", "custom", "function")
 
@@ -65,28 +65,42 @@ def _min_ir_version(model: onnx.ModelProto) -> int:
     return onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
 
 
-def _name_single_output(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    """Rename a lone graph output (the exporter calls it after the last node, e.g. ``linear_2``)."""
+def _name_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """Rename the graph outputs (the exporter calls them after their last node, e.g.
+    ``linear_2``) to ``names``, where the count matches and no other value has that name."""
     graph = proto.graph
-    if len(graph.output) != 1 or graph.output[0].name == name:
+    if len(graph.output) != len(names):
         return proto
     used = {v for n in graph.node for v in (*n.input, *n.output)}
     used |= {v.name for v in (*graph.input, *graph.initializer)}
-    if name in used:
-        return proto
-    old = graph.output[0].name
+    renames = {}
+    for out, name in zip(graph.output, names, strict=True):
+        if out.name != name and name not in used:
+            renames[out.name] = name
     for node in graph.node:
         for i, v in enumerate(node.output):
-            if v == old:
-                node.output[i] = name
+            node.output[i] = renames.get(v, v)
         for i, v in enumerate(node.input):
-            if v == old:
-                node.input[i] = name
+            node.input[i] = renames.get(v, v)
     for info in graph.value_info:
-        if info.name == old:
-            info.name = name
-    graph.output[0].name = name
+        info.name = renames.get(info.name, info.name)
+    for out in graph.output:
+        out.name = renames.get(out.name, out.name)
     return proto
+
+
+def output_names(model: Any) -> list[str]:
+    """The names ``export_onnx`` gives the outputs: the model's ``onnx_output_names`` (converted
+    nets: ``probabilities`` for a softmax output; the L-GM inference wrapper: ``logits``,
+    ``loglik``), else ``logits`` for a single output."""
+    names = getattr(model, "onnx_output_names", None)
+    if callable(names):
+        names = names()
+    if names is None:
+        return ["logits"]
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"onnx_output_names must be a list of non-empty strings, got {names!r}")
+    return list(names)
 
 
 def finalize(proto: onnx.ModelProto, mode: str) -> onnx.ModelProto:
@@ -126,7 +140,8 @@ def export_onnx(
     the lsoftmax ONNX Runtime library) or ``"function"`` (``ai.lsoftmax`` nodes plus model-local
     functions: our kernel where the library is registered, standard ops elsewhere).
     ``opset``: default-domain opset (>= 18; default: torch's). ``dynamic_batch``: the first
-    dimension of every input and output is a symbolic ``batch``. Returns the saved model.
+    dimension of every input and output is a symbolic ``batch``. The outputs are named by
+    ``output_names(model)``. Returns the saved model.
     """
     import torch
 
@@ -164,7 +179,7 @@ def export_onnx(
         if cause is not None:
             raise TrainingOpError(str(cause)) from None
         raise
-    proto = finalize(_name_single_output(program.model_proto, "logits"), mode)
+    proto = finalize(_name_outputs(program.model_proto, output_names(model)), mode)
     check(proto)
     onnx.save(proto, os.fspath(path))
     return proto

@@ -47,6 +47,8 @@ _OUTPUTS: dict[str, list[str]] = {"LGMLogits": LGM_OUTPUTS}
 # The last input of every signature is the optional one (labels).
 # Attributes a body is specialized on (baked in), per op_type.
 _SPECIALIZED: dict[str, tuple[str, ...]] = {"LSoftmaxLinear": ("margin",)}
+# The specialization that stands for every variant without labels (margin 1: plain logits).
+_PLAIN_SPEC: dict[str, tuple[object, ...]] = {"LSoftmaxLinear": (1,)}
 
 
 def custom_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -71,6 +73,10 @@ def _variant(node: onnx.NodeProto) -> tuple[str, tuple[object, ...], bool]:
     spec = tuple(attrs.get(name) for name in _SPECIALIZED.get(node.op_type, ()))
     n = len(_SIGNATURES[node.op_type][0])
     has_optional = len(node.input) >= n and bool(node.input[n - 1])
+    if not has_optional and node.op_type in _PLAIN_SPEC:
+        # Without labels every margin gives the plain logits: one body (and no overloads, which
+        # onnx's ReferenceEvaluator ignores) for all of them.
+        spec = _PLAIN_SPEC[node.op_type]
     return node.op_type, spec, has_optional
 
 
@@ -83,12 +89,15 @@ def _make_function(
     for name in defaults:
         attrs[name] = AttrRef(name)
     used_inputs: list[str | None] = list(inputs) if has_labels else [*inputs[:-1], None]
+    # A node without labels calls a function without that input: a conformant runtime (onnx's
+    # ReferenceEvaluator) requires the node's inputs to match the function's one for one.
+    declared = list(inputs) if has_labels else list(inputs[:-1])
     outputs = _OUTPUTS.get(op_type, ["Y"])
     BUILDERS[op_type](b, used_inputs, outputs if op_type in _OUTPUTS else "Y", attrs)
     fn = helper.make_function(
         DOMAIN,
         op_type,
-        inputs=inputs,
+        inputs=declared,
         outputs=outputs,
         nodes=b.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
@@ -103,7 +112,7 @@ def _make_function(
 
 
 def _overload_name(spec: tuple[object, ...], has_labels: bool) -> str:
-    parts = [f"m{v}" for v in spec] + ["labels" if has_labels else "plain"]
+    parts = [f"m{v}" for v in spec] + ["labels"] if has_labels else ["plain"]
     return "_".join(parts)
 
 
@@ -123,6 +132,8 @@ def attach_functions(model: onnx.ModelProto) -> int:
         overload = _overload_name(spec, has_labels) if per_op[op_type] > 1 else ""
         model.functions.append(_make_function(op_type, spec, has_labels, opset, overload))
         for node in nodes:
+            while node.input and not node.input[-1]:  # an omitted optional input spelled ""
+                del node.input[-1]
             if overload:
                 node.overload = overload
     if not any(i.domain == DOMAIN for i in model.opset_import):

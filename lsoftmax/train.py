@@ -4,8 +4,9 @@ A run directory holds ``config.json`` (the full configuration), ``metrics.jsonl`
 object per epoch), ``checkpoint.pt`` (the latest epoch: model, optimizer, LR scheduler, epoch,
 config) and ``final.json`` (test accuracy at the end). Resuming from a checkpoint continues the
 same lambda sequence because the schedule's step counter is the ``step`` buffer of the
-L-Softmax head, saved in the model's ``state_dict``; the data order of each epoch depends only on
-``(seed, epoch)``, so a resumed run sees the same batches as an uninterrupted one.
+L-Softmax head, saved in the model's ``state_dict``, and it counts optimizer steps (the head is
+``attach``ed to the optimizer, as Caffe counts solver iterations); the data order of each epoch
+depends only on ``(seed, epoch)``, so a resumed run sees the same batches as an uninterrupted one.
 
 A new run refuses a directory that already holds a run (``overwrite=True`` clears it first), and
 an epoch's metrics line and checkpoint are written together with SIGINT held back, so Ctrl-C
@@ -31,6 +32,7 @@ from torch import Tensor
 from lsoftmax.data import Dataset, load_dataset, subset
 from lsoftmax.models import MarginClassifier, build_model, model_kwargs_for
 from lsoftmax.schedules import Constant, Exponential, Scaled, Schedule
+from lsoftmax.torch.scheduled import ScheduledStep
 
 __all__ = [
     "TrainConfig",
@@ -349,6 +351,8 @@ def train(
         sched.load_state_dict(resumed["lr_scheduler"])
     x_train, y_train = ds.x_train.to(dev), ds.y_train.to(dev)
     x_test, y_test = ds.x_test.to(dev), ds.y_test.to(dev)
+    if isinstance(model.head, ScheduledStep):
+        model.head.attach(opt)  # one step per optimizer step, whatever else runs forwards
 
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     metrics_path = out / METRICS

@@ -116,14 +116,20 @@ def copy_model(proto: Any) -> Any:
     return out
 
 
+# Exports shared by every test module in the process: (lam) -> (kind, dtype, labels) -> entry.
+_EXPORTS: dict[float, dict[tuple[str, torch.dtype, bool], tuple[nn.Module, Any]]] = {}
+
+
 def export_cache(
     tmp: Path, lam: float
 ) -> Callable[[str, torch.dtype, bool], tuple[nn.Module, Any]]:
     """``get(kind, dtype, with_labels) -> (model, custom-mode proto)``, each exported on first use
-    (an export costs ~2 s); with labels the graph is ``WithLabels(model, 4, lam)``."""
+    in the process (an export costs ~2 s, more on a busy machine) and shared by the test modules
+    (they copy the proto before changing it); with labels the graph is
+    ``WithLabels(model, 4, lam)``."""
     from lsoftmax.exporters import export_onnx
 
-    cache: dict[tuple[str, torch.dtype, bool], tuple[nn.Module, Any]] = {}
+    cache = _EXPORTS.setdefault(lam, {})
 
     def get(kind: str, dtype: torch.dtype, with_labels: bool) -> tuple[nn.Module, Any]:
         key = (kind, dtype, with_labels)
@@ -173,3 +179,36 @@ def lgm_node_model(
         opset_imports=[h.make_opsetid("", 18), h.make_opsetid("ai.lsoftmax", 1)],
         ir_version=9,
     ).SerializeToString()
+
+
+def reference_kernels() -> list[type]:
+    """``new_ops`` for ``onnx.reference.ReferenceEvaluator``: our two ops over the numpy API
+    (``lsoftmax.core``, ``lsoftmax.lgm_core``), so the evaluator runs custom-mode files."""
+    from onnx.reference.op_run import OpRun
+
+    from lsoftmax import core, lgm_core
+
+    class LSoftmaxLinear(OpRun):
+        op_domain = "ai.lsoftmax"
+
+        def _run(self, X, W, labels=None, **attrs):  # type: ignore[no-untyped-def]
+            y = None if labels is None else labels.astype(np.int64)
+            lam = float(attrs.get("lambda", 0.0))
+            return (core.forward(X, W, y, margin=int(attrs["margin"]), lam=lam).astype(X.dtype),)
+
+    class LGMLogits(OpRun):
+        op_domain = "ai.lsoftmax"
+
+        def _run(self, X, means, log_var, labels=None, **attrs):  # type: ignore[no-untyped-def]
+            y = None if labels is None else labels.astype(np.int64)
+            logits, loglik = lgm_core.lgm_forward(
+                X,
+                means,
+                log_var,
+                y,
+                alpha=float(attrs.get("alpha", 0.0)),
+                include_logdet=bool(attrs.get("include_logdet", 1)),
+            )
+            return logits.astype(X.dtype), loglik.astype(X.dtype)
+
+    return [LSoftmaxLinear, LGMLogits]

@@ -144,6 +144,28 @@ def _hw(p: Any, name: str, default: int) -> tuple[int, int]:
     return (default, default) if not v else (v[0], v[-1])
 
 
+def caffe_transform(x: np.ndarray, p: Any, mean_image: np.ndarray | None = None) -> np.ndarray:
+    """Caffe's DataTransformer::Transform at TEST phase, element by element as it loops:
+    top[c, h, w] = (datum[c, h_off + h, w_off + w] - mean) * scale."""
+    n, c, height, width = x.shape
+    crop = p.crop_size
+    h_off, w_off = ((height - crop) // 2, (width - crop) // 2) if crop else (0, 0)
+    oh, ow = (crop, crop) if crop else (height, width)
+    means = list(p.mean_value)
+    out = np.empty((n, c, oh, ow))
+    for i in range(n):
+        for ch in range(c):
+            for h in range(oh):
+                for w in range(ow):
+                    v = x[i, ch, h_off + h, w_off + w]
+                    if mean_image is not None:
+                        v = v - mean_image[ch, h_off + h, w_off + w]
+                    elif means:
+                        v = v - (means[0] if len(means) == 1 else means[ch])
+                    out[i, ch, h, w] = v * p.scale
+    return out
+
+
 def caffe_forward(
     net: Any, inputs: dict[str, np.ndarray], phase: str = "test"
 ) -> dict[str, np.ndarray]:
@@ -162,7 +184,11 @@ def caffe_forward(
             (not r.HasField("phase")) or r.phase == want for r in layer.include
         ):
             continue
-        if ltype in ("Data", "HDF5Data", "Input", "SoftmaxWithLoss", "Accuracy"):
+        if ltype in ("Data", "ImageData", "MemoryData", "WindowData"):
+            if layer.HasField("transform_param") and layer.top[0] in blobs:
+                blobs[layer.top[0]] = caffe_transform(blobs[layer.top[0]], layer.transform_param)
+            continue
+        if ltype in ("HDF5Data", "Input", "SoftmaxWithLoss", "Accuracy"):
             continue
         w = _blobs(layer)
         x = blobs[layer.bottom[0]]

@@ -220,3 +220,33 @@ def test_training_forward_is_refused_by_the_exporter(tmp_path) -> None:
         export_onnx(
             Train().train(), (torch.randn(4, 2), torch.tensor([0, 1, 2, 0])), tmp_path / "t.onnx"
         )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_labels", [False, True], ids=["inference", "labels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_every_mode_in_onnx_reference_evaluator(exported, dtype, with_labels, mode) -> None:
+    """The same files in onnx's ReferenceEvaluator (custom mode through ``new_ops``) and ONNX
+    Runtime, against the float64 reference."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx_models import reference_kernels
+
+    net, proto = exported(dtype, False, with_labels)
+    gen = torch.Generator().manual_seed(4)
+    x = 2.0 * torch.randn(7, 6, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 5, (7,), generator=gen)
+    y = labels if with_labels else None
+    feeds = [x.numpy(), labels.numpy()] if with_labels else [x.numpy()]
+    model = finalize(copy_model(proto), mode)
+    names = [i.name for i in model.graph.input]
+    evaluator = ReferenceEvaluator(model, new_ops=reference_kernels() if mode == "custom" else None)
+    got_ref = evaluator.run(None, dict(zip(names, feeds, strict=True)))
+    got_ort = _run(proto, mode, feeds, library=mode == "custom")
+    with torch.no_grad():
+        feat = net.features(x)
+        ref = lgm_reference(
+            feat, net.lgm.means, net.lgm.effective_log_var(), y, ALPHA if with_labels else 0.0, True
+        )
+    for i, name in enumerate(("logits", "loglik")):
+        assert max_rel_err(got_ref[i], ref[i]) <= TOL[dtype], (name, "ReferenceEvaluator")
+        assert max_rel_err(got_ort[i], ref[i]) <= TOL[dtype], (name, "ONNX Runtime")

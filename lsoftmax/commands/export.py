@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 MODES = ("portable", "custom", "function")
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise CLIError(f"{args.checkpoint}: unsupported dtype {meta.get('dtype')!r}")
-    model = model.to(dtype).eval()
+    model = _with_ood_score(model.to(dtype).eval())
     example = torch.zeros((args.batch_size, *(int(v) for v in shape)), dtype=dtype)
     # Written under a temporary name and renamed only when it is what was asked for, so a failed
     # or mismatched export leaves nothing at args.out.
@@ -67,6 +68,27 @@ def run(args: argparse.Namespace) -> int:
     outs = ", ".join(_describe(v) for v in proto.graph.output)
     print(f"wrote {out} (mode {args.mode}, opset {opset}): inputs {ins} -> outputs {outs}")
     return 0
+
+
+def _with_ood_score(model: Any) -> Any:
+    """An L-GM model exports ``(logits, loglik)``: ``loglik`` is its out-of-distribution score."""
+    import torch
+
+    if getattr(model, "head_kind", None) != "lgm":
+        return model
+
+    class LGMInference(torch.nn.Module):
+        onnx_output_names = ("logits", "loglik")
+
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, loglik = self.net.head.inference(self.net.features(x))
+            return logits, loglik
+
+    return LGMInference(model).eval()
 
 
 def _describe(value: object) -> str:

@@ -36,6 +36,7 @@ from lsoftmax.schedules import Constant, Schedule
 from lsoftmax.torch import _kernels
 from lsoftmax.torch import ops as _ops  # noqa: F401  (registers lsoftmax::schedule_lambda)
 from lsoftmax.torch.functional import check_target
+from lsoftmax.torch.scheduled import ScheduledStep
 
 __all__ = [
     "LGMClassifier",
@@ -499,7 +500,7 @@ def _nonneg_float(name: str, v: object) -> float:
     return float(v)
 
 
-class LGMLoss(nn.Module):
+class LGMLoss(ScheduledStep):
     """The large-margin Gaussian mixture loss (Wan et al., CVPR 2018) over a feature layer.
 
     Parameters: ``means`` (C, D) and ``log_var`` (C, D), or (C, 1) when ``isotropic``. The
@@ -510,7 +511,7 @@ class LGMLoss(nn.Module):
     ``forward(feat, target=None) -> (loss, logits)``:
 
     - training mode with a target: margin logits with the schedule's alpha at the module's step
-      counter (which then advances by one) and
+      counter (which counts like ``LSoftmaxLinear``'s, see ``lsoftmax.torch.scheduled``) and
       ``loss = CE(logits, target) + lambda_lkd * mean_i (d_iy + 1/2 log|V_y|)``;
     - eval mode with a target: the same loss without the margin (alpha = 0), step unchanged;
     - no target: ``(None, logits)`` with alpha = 0.
@@ -519,7 +520,7 @@ class LGMLoss(nn.Module):
     score to threshold for out-of-distribution inputs (see ``LGMClassifier`` and docs/lgm.md).
     """
 
-    step: Tensor
+    schedule_name = "alpha_schedule"
 
     def __init__(
         self,
@@ -540,16 +541,12 @@ class LGMLoss(nn.Module):
         self.num_classes = _positive_int("num_classes", num_classes)
         self.feat_dim = _positive_int("feat_dim", feat_dim)
         self.lambda_lkd = _nonneg_float("lambda_lkd", lambda_lkd)
-        if alpha_schedule is not None and not isinstance(alpha_schedule, Schedule):
-            raise TypeError(
-                f"alpha_schedule must be a lsoftmax.schedules.Schedule, got {alpha_schedule!r}"
-            )
-        self.alpha_schedule: Schedule = (
+        self._init_scheduled(
             alpha_schedule
             if alpha_schedule is not None
-            else Constant(_nonneg_float("alpha", alpha))
+            else Constant(_nonneg_float("alpha", alpha)),
+            device,
         )
-        self._schedule_params = self.alpha_schedule.params()
         self.isotropic = bool(isotropic)
         self.include_logdet = bool(include_logdet)
         if isinstance(log_var_floor, bool) or not isinstance(log_var_floor, (int, float)):
@@ -562,8 +559,9 @@ class LGMLoss(nn.Module):
             torch.zeros(num_classes, 1 if isotropic else feat_dim, device=device, dtype=dtype),
             requires_grad=bool(learn_variance),
         )
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.reset_parameters()
+
+    alpha_schedule = property(ScheduledStep._get_schedule, ScheduledStep._set_schedule)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.means, 0.0, 1.0)
@@ -581,8 +579,8 @@ class LGMLoss(nn.Module):
 
     @property
     def current_alpha(self) -> float:
-        """Alpha of the latest training forward (before any: the one the first will use)."""
-        return self.alpha_schedule.value(max(int(self.step) - 1, 0))
+        """Alpha of the latest counted step (before any: the one the first will use)."""
+        return self._latest_value()
 
     def forward(self, feat: Tensor, target: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
         log_var = self.effective_log_var()
@@ -593,10 +591,7 @@ class LGMLoss(nn.Module):
             )
             return None, logits
         if self.training:
-            alpha = torch.ops.lsoftmax.schedule_lambda(
-                self.step, self.alpha_schedule.kind, self._schedule_params
-            )
-            self.step.add_(1)
+            alpha = self._scheduled_value(eager=False)
             logits, loglik = torch.ops.lsoftmax.lgm_margin_logits(
                 feat, self.means, log_var, target, alpha, self.include_logdet
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -10,20 +11,32 @@ from torch import Tensor, nn
 from lsoftmax.schedules import Exponential, Schedule
 from lsoftmax.torch import ops
 from lsoftmax.torch.functional import check_inputs, check_margin, checked_logits
+from lsoftmax.torch.scheduled import ScheduledStep
 
 __all__ = ["LSoftmaxLinear"]
 
+# Under autocast, the dtypes autocast would cast (float64 is left alone, as nn.Linear's is).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
-class LSoftmaxLinear(nn.Module):
+
+class LSoftmaxLinear(ScheduledStep):
     """Linear layer (no bias) whose training logits carry the L-Softmax margin.
 
     In training mode with a target it returns the margin logits, using the schedule's lambda at
-    the module's step counter, which then advances by one. In eval mode, or with no target, it
-    returns the plain logits ``x @ weight.T``. The step counter is a buffer, so it is saved in the
-    ``state_dict`` and a resumed run continues the same lambda sequence.
-    """
+    the module's step counter. In eval mode, or with no target, it returns the plain logits
+    ``x @ weight.T``. Like ``nn.Linear`` it takes ``x`` of shape ``(*, in_features)``, with the
+    target shaped like the leading dims ``*``, and returns ``(*, out_features)``.
 
-    step: Tensor
+    The step counter advances on grad-enabled training forwards, or on ``optimizer.step()`` after
+    ``attach(optimizer)`` (gradient accumulation, DDP); see ``lsoftmax.torch.scheduled``. The
+    counter is a buffer and the schedule and margin are the module's extra state, so both are in
+    the ``state_dict``: loading one into a default-constructed head restores lambda exactly.
+
+    Under ``torch.autocast`` the output has the autocast dtype, like ``nn.Linear``'s; the margin
+    is computed in float32 (on CPU the whole layer runs in float32, the core having no 16-bit
+    kernels, and the result is rounded; on CUDA the kernels take the 16-bit inputs and do their
+    per-row math in float32).
+    """
 
     def __init__(
         self,
@@ -42,15 +55,13 @@ class LSoftmaxLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.margin = check_margin(margin)
-        if schedule is not None and not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a lsoftmax.schedules.Schedule, got {schedule!r}")
-        self.schedule: Schedule = schedule if schedule is not None else Exponential()
-        self._schedule_params = self.schedule.params()
+        self._init_scheduled(schedule if schedule is not None else Exponential(), device)
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, device=device, dtype=dtype)
         )
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.reset_parameters()
+
+    schedule = property(ScheduledStep._get_schedule, ScheduledStep._set_schedule)
 
     def reset_parameters(self) -> None:
         # Caffe's "msra" filler: N(0, 2 / fan_in).
@@ -58,27 +69,58 @@ class LSoftmaxLinear(nn.Module):
 
     @property
     def current_lambda(self) -> float:
-        """Lambda of the latest training forward (before any: the one the first will use).
+        """Lambda of the latest counted step (before any: the one the first will use).
 
         Reads the step counter on the host (a sync when the module is on a GPU): for progress
         bars and logs. The training forward itself evaluates lambda where the step lives.
         """
-        return self.schedule.value(max(int(self.step) - 1, 0))
+        return self._latest_value()
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
-        check_inputs(x, self.weight, target)
-        if not (self.training and target is not None):
-            return checked_logits(x, self.weight, None, self.margin, 0.0)
-        lam: float | Tensor
-        if ops.eager_cpu(x, self.weight, target, self.step):
-            lam = self.schedule.value(int(self.step))
-        else:
-            # A tensor op, so torch.compile needs no graph break and a GPU step no host sync.
-            lam = torch.ops.lsoftmax.schedule_lambda(
-                self.step, self.schedule.kind, self._schedule_params
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 2:
+            return self._forward_2d(x, target)
+        if x.dim() == 0:
+            raise ValueError("x must have shape (*, in_features), got a 0-d tensor")
+        lead = tuple(x.shape[:-1])
+        if isinstance(target, Tensor) and tuple(target.shape) != lead:
+            raise ValueError(
+                f"target must have shape {lead} (the leading dims of x, shape "
+                f"{tuple(x.shape)}), got {tuple(target.shape)}"
             )
-        self.step.add_(1)
-        return checked_logits(x, self.weight, target, self.margin, lam)
+        flat_target = target.reshape(-1) if isinstance(target, Tensor) else target
+        out = self._forward_2d(x.reshape(-1, x.shape[-1]), flat_target)
+        return out.reshape(*lead, self.out_features)
+
+    def _forward_2d(self, x: Tensor, target: Tensor | None) -> Tensor:
+        device_type = x.device.type
+        if (
+            torch.is_autocast_enabled(device_type)
+            and x.dtype in _AUTOCAST_ELIGIBLE
+            and self.weight.dtype in _AUTOCAST_ELIGIBLE
+        ):
+            out_dtype = torch.get_autocast_dtype(device_type)
+            # The CPU core has float32/float64 kernels only; CUDA's take 16-bit inputs.
+            dtype = out_dtype if device_type == "cuda" else torch.float32
+            with torch.autocast(device_type, enabled=False):
+                return self._logits(x.to(dtype), self.weight.to(dtype), target).to(out_dtype)
+        return self._logits(x, self.weight, target)
+
+    def _logits(self, x: Tensor, weight: Tensor, target: Tensor | None) -> Tensor:
+        check_inputs(x, weight, target)
+        if not (self.training and target is not None):
+            return checked_logits(x, weight, None, self.margin, 0.0)
+        lam = self._scheduled_value(ops.eager_cpu(x, weight, target, self.step))
+        return checked_logits(x, weight, target, self.margin, lam)
+
+    def _state_fields(self) -> dict[str, Any]:
+        return {**super()._state_fields(), "margin": self.margin}
+
+    def _load_state_fields(self, fields: dict[str, Any]) -> None:
+        margin = check_margin(fields.get("margin", self.margin))
+        super()._load_state_fields(fields)
+        self.margin = margin
 
     def extra_repr(self) -> str:
         return (
