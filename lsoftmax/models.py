@@ -131,7 +131,7 @@ class MarginClassifier(nn.Module):
 
     @property
     def step(self) -> int:
-        """Training forwards seen by the L-Softmax head (0 for other heads)."""
+        """Steps counted by the L-Softmax head (0 for other heads)."""
         return int(self.head.step) if isinstance(self.head, LSoftmaxLinear) else 0
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:

@@ -77,11 +77,12 @@ def test_caffe_transform_param_matches_numpy_forward(case: str, tmp_path: Path) 
             b.data.extend(t.detach().numpy().ravel().tolist())
     ref = caffe_forward(msg, {"data": x})["ip"]
     assert max_rel_err(got, ref) <= 1e-5
-    # Without the transform the output differs: the test can see a dropped transform_param.
-    plain = from_caffe(proto_path, input_shape=shape, transform=False)
-    plain.load_state_dict(net.state_dict(), strict=False)
-    assert max_rel_err(plain(torch.from_numpy(x)).detach().numpy(), ref) > 1e-3
-    assert any(row.type == "transform_param" for row in net.mapping)
+    if "crop" not in case:  # (without the crop the weights would not fit)
+        # Without the transform the output differs: the test sees a dropped transform_param.
+        plain = from_caffe(proto_path, input_shape=shape, transform=False)
+        plain.load_state_dict(net.state_dict(), strict=False)
+        assert max_rel_err(plain(torch.from_numpy(x)).detach().numpy(), ref) > 1e-3
+    assert any(row.source_type == "transform_param" for row in net.mapping)
 
 
 def test_numpy_transform_reference_by_hand() -> None:

@@ -64,11 +64,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             for it in range(STEPS):
                 x, y = torch.randn(8, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
                 if rank == 0 and it == 1:
+                    # A logging forward on one rank, never backpropagated. (Through the DDP
+                    # wrapper it would run DDP's buffer broadcast on one rank only: a collective
+                    # mismatch, so it goes to the wrapped module, as such code does.)
                     if extra == "no_grad":
                         with torch.no_grad():
-                            ddp(x, y)
+                            net(x, y)
                     else:
-                        net(x, y)  # e.g. a logging forward that is never backpropagated
+                        net(x, y)
                 opt.zero_grad()
                 F.cross_entropy(ddp(x, y), y).backward()
                 opt.step()
