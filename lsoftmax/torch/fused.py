@@ -341,8 +341,8 @@ def margin_cross_entropy(
 class MarginCrossEntropy(LSoftmaxLinear):
     """``LSoftmaxLinear`` and cross-entropy in one module, through the fused loss.
 
-    ``forward(x, target)`` returns the loss: in training mode with the margin at the schedule's
-    lambda (the step counter then advances, as in ``LSoftmaxLinear``), in eval mode plain
+    ``forward(x, target)`` returns the loss (``x`` 2-D): in training mode with the margin at the
+    schedule's lambda (the step counter follows ``LSoftmaxLinear``'s rule), in eval mode plain
     softmax cross-entropy. ``logits(x)`` gives the plain logits for inference. The parameters
     and buffers are ``LSoftmaxLinear``'s, so a state_dict loads into either module (and the
     exporters take the ``LSoftmaxLinear``).
@@ -375,8 +375,8 @@ class MarginCrossEntropy(LSoftmaxLinear):
             return margin_cross_entropy(
                 x, self.weight, target, 1, self.reduction, self.chunk_size
             )
-        lam = self.schedule.value(int(self.step))
-        self.step.add_(1)
+        # LSoftmaxLinear's step rule (grad-enabled forwards, or optimizer steps after attach()).
+        lam = self._scheduled_value(True)
         return margin_cross_entropy(
             x, self.weight, target, self.margin, self.reduction, self.chunk_size, lam=lam
         )
