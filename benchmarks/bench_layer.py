@@ -19,6 +19,13 @@ for backward (through ``torch.autograd.graph.saved_tensors_hooks``) that are not
 weight. With ``--device cuda`` the table also gives the peak of ``torch.cuda.max_memory_allocated``
 during a step, above the memory held before it.
 
+A second table times a full training step (forward, cross-entropy, backward, SGD update) of the
+narrow ``mnist_net`` (``--width 16 --convs-per-stage 1 --feat-dim 256``, 28x28 inputs) with
+its L-Softmax head (margin 4) against the same network with a plain ``nn.Linear`` head.
+
+Both tables are printed for each thread setting of ``--threads`` (default ``1,0``: one thread,
+then torch's default), in the same run.
+
     python benchmarks/bench_layer.py --device cpu --sizes 10,1000,10000 --repeats 100
 """
 
@@ -91,6 +98,28 @@ def cuda_peak_bytes(module: nn.Module, x: Tensor, loss_fn: Step) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def interleaved_times(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each step, the candidates taking turns in a shuffled order."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    names = list(steps)
+    rng = random.Random(0)
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for name in names:
+            sync()
+            t0 = time.perf_counter()
+            steps[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def bench_size(
     n: int, d: int, c: int, margin: int, repeats: int, warmup: int, device: torch.device
 ) -> dict[str, dict[str, float]]:
@@ -98,22 +127,12 @@ def bench_size(
     x = torch.randn(n, d, device=device, requires_grad=True)
     y = torch.randint(0, c, (n,), device=device)
     cands = build(n, d, c, margin, device, x, y)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        for module, fn in cands.values():
-            train_step(module, x, fn)
-    times: dict[str, list[float]] = {k: [] for k in cands}
-    names = list(cands)
-    rng = random.Random(0)
-    for _ in range(repeats):
-        rng.shuffle(names)
-        for name in names:
-            module, fn = cands[name]
-            sync()
-            t0 = time.perf_counter()
-            train_step(module, x, fn)
-            sync()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_times(
+        {k: (lambda m=m, f=f: train_step(m, x, f)) for k, (m, f) in cands.items()},
+        repeats,
+        warmup,
+        device,
+    )
     out: dict[str, dict[str, float]] = {}
     for name, (module, fn) in cands.items():
         res = {
@@ -146,6 +165,54 @@ def build(
         pml = LargeMarginSoftmaxLoss(num_classes=c, embedding_size=d, margin=margin).to(device)
         cands["(c) pml"] = (pml, lambda: pml(x, y))
     return cands
+
+
+class PlainHead(nn.Linear):
+    """``nn.Linear`` (no bias) with the L-Softmax head's call signature (the target is unused)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
+        del target
+        return super().forward(x)
+
+
+def bench_mnist(
+    batch: int, margin: int, repeats: int, warmup: int, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """A full SGD step of the narrow mnist_net with the L-Softmax head and with a linear head."""
+    from lsoftmax.models import MNISTNet
+
+    torch.manual_seed(0)
+    narrow = {"width": 16, "convs_per_stage": 1, "feat_dim": 256}
+    nets = {
+        "linear head": MNISTNet(margin=margin, **narrow),
+        "lsoftmax head": MNISTNet(margin=margin, **narrow),
+    }
+    nets["linear head"].head = PlainHead(narrow["feat_dim"], 10)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    steps: dict[str, Callable[[], None]] = {}
+    for name, net in nets.items():
+        net.to(device).train()
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(net: Any = net, opt: Any = opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            net.loss(x, y)[0].backward()
+            opt.step()
+
+        steps[name] = step
+    times = interleaved_times(steps, repeats, warmup, device)
+    return {
+        k: {
+            "median_ms": 1e3 * statistics.median(v),
+            "q1_ms": 1e3 * float(np.percentile(v, 25)),
+            "q3_ms": 1e3 * float(np.percentile(v, 75)),
+        }
+        for k, v in times.items()
+    }
 
 
 def profile_lsoftmax(n: int, d: int, c: int, margin: int, device: torch.device) -> str:
@@ -187,6 +254,14 @@ def table_row(c: int, r: dict[str, dict[str, float]], device: torch.device) -> s
     return f"| {c} | {times} | {ratio(NAMES[1])} | {ratio(NAMES[2])} | {mem} |"
 
 
+def kernel_route() -> str:
+    from lsoftmax.torch import _kernels
+
+    if _kernels.TORCH_OPS:
+        return "libtorch extension (torch.ops.lsoftmax_cpu), loops on torch's intra-op pool"
+    return "numpy module (lsoftmax._core), loops on the core's own pool"
+
+
 def versions() -> dict[str, Any]:
     v: dict[str, Any] = {
         "python": platform.python_version(),
@@ -212,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=int, default=4)
     p.add_argument("--repeats", type=int, default=100, help="timed steps per candidate and size")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch and core threads (0: default)")
+    p.add_argument(
+        "--threads",
+        default="1,0",
+        help="comma-separated thread counts, each a full pass (0: torch's default)",
+    )
+    p.add_argument("--mnist-batch", type=int, default=128, help="batch of the mnist_net row")
+    p.add_argument("--mnist-repeats", type=int, default=30, help="0 skips the mnist_net row")
     p.add_argument(
         "--profile",
         action="store_true",
@@ -223,35 +304,51 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available to torch")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-        core.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    default_threads = torch.get_num_threads()
+    settings = [int(t) if int(t) > 0 else default_threads for t in args.threads.split(",") if t]
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()}")
     if device.type == "cuda":
         print(f"gpu: {torch.cuda.get_device_name()}")
-    print(f"threads: torch {torch.get_num_threads()}, lsoftmax core {core.get_num_threads()}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    print(f"lsoftmax CPU kernels: {kernel_route()}")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(
         f"N={args.batch} D={args.features} margin={args.margin} device={device} "
         f"repeats={args.repeats} warmup={args.warmup}; step = forward + cross-entropy + backward"
     )
-    print()
-    mem_cols = "saved MiB (a/b/c)" + (" | CUDA peak MiB (a/b/c)" if device.type == "cuda" else "")
-    print(f"| C | (a) ms | (b) ms | (c) ms | (b)/(a) | (c)/(a) | {mem_cols} |")
-    print("|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
-    profiles: list[tuple[int, str]] = []
-    for c in sizes:
-        r = bench_size(args.batch, args.features, c, args.margin, args.repeats, args.warmup, device)
-        print(table_row(c, r, device), flush=True)
-        if args.profile:
-            profiles.append(
-                (c, profile_lsoftmax(args.batch, args.features, c, args.margin, device))
+    profiles: list[tuple[int, int, str]] = []
+    for threads in settings:
+        torch.set_num_threads(threads)
+        core.set_num_threads(threads)
+        print(f"\nthreads: {threads} (torch {torch.get_num_threads()}, default {default_threads})")
+        mem_cols = "saved MiB (a/b/c)" + (
+            " | CUDA peak MiB (a/b/c)" if device.type == "cuda" else ""
+        )
+        print(f"| C | (a) ms | (b) ms | (c) ms | (b)/(a) | (c)/(a) | {mem_cols} |")
+        print("|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
+        for c in sizes:
+            r = bench_size(
+                args.batch, args.features, c, args.margin, args.repeats, args.warmup, device
             )
-    for c, table in profiles:
-        print(f"\ntorch.profiler, (b) at C={c}, 10 steps:\n{table}")
+            print(table_row(c, r, device), flush=True)
+            if args.profile:
+                table = profile_lsoftmax(args.batch, args.features, c, args.margin, device)
+                profiles.append((threads, c, table))
+        if args.mnist_repeats > 0:
+            r = bench_mnist(args.mnist_batch, args.margin, args.mnist_repeats, args.warmup, device)
+            lin, lsm = r["linear head"], r["lsoftmax head"]
+            print(
+                f"\nmnist_net (narrow) SGD step, batch {args.mnist_batch}, threads {threads}: "
+                f"linear head {lin['median_ms']:.2f} ms [{lin['q1_ms']:.2f}-{lin['q3_ms']:.2f}], "
+                f"lsoftmax head {lsm['median_ms']:.2f} ms [{lsm['q1_ms']:.2f}-{lsm['q3_ms']:.2f}], "
+                f"ratio {lsm['median_ms'] / lin['median_ms']:.3f}",
+                flush=True,
+            )
+    torch.set_num_threads(default_threads)
+    for threads, c, table in profiles:
+        print(f"\ntorch.profiler, (b) at C={c}, {threads} threads, 10 steps:\n{table}")
     print()
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("times: median [quartiles] of single steps")

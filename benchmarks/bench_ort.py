@@ -5,7 +5,7 @@ classes) is exported in the three modes and timed side by side: implementations 
 rotating order within every round, warm-up first, medians reported, ratios relative to ORT
 portable (> 1 = faster than portable).
 
-    python benchmarks/bench_ort.py                      # batch 1 and 256
+    python benchmarks/bench_ort.py                      # batch 1 and 256, 1 and 2 threads
     python benchmarks/bench_ort.py --batches 1 64 256 --feat-dim 512 --classes 1000 --rounds 30
 """
 
@@ -68,21 +68,34 @@ def main() -> None:
     p.add_argument("--margin", type=int, default=4)
     p.add_argument("--rounds", type=int, default=25, help="timed rounds per batch size (25)")
     p.add_argument("--min-block", type=float, default=0.02, help="seconds per timed block")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="intra-op (and torch) thread counts, one full table each, in the same run (1 2)",
+    )
     args = p.parse_args()
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
     model = HeadMLP(args.in_features, args.feat_dim, args.classes, args.margin).eval()
     example = torch.randn(2, args.in_features)
     tmp = Path(tempfile.mkdtemp(prefix="bench_ort_"))
-    opts = {"intra_op_num_threads": args.threads}
     paths = {}
     for mode in ("portable", "custom", "function"):
         paths[mode] = tmp / f"{mode}.onnx"
         export_onnx(model, example, paths[mode], mode=mode)
+    for threads in args.threads:
+        run_tables(args, model, paths, threads)
+
+
+def run_tables(
+    args: argparse.Namespace, model: nn.Module, paths: dict[str, Path], threads: int
+) -> None:
+    torch.set_num_threads(threads)
+    opts = {"intra_op_num_threads": threads}
     so = onnxruntime.SessionOptions()
-    so.intra_op_num_threads = args.threads
+    so.intra_op_num_threads = threads
     sessions = {
         # The portable file needs no library; custom and function run our kernel.
         "ORT portable": onnxruntime.InferenceSession(
@@ -94,7 +107,7 @@ def main() -> None:
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
-        f"machine: {_cpu_name()}, {os.cpu_count()} logical cores, threads={args.threads}, "
+        f"machine: {_cpu_name()}, {os.cpu_count()} logical cores, threads={threads}, "
         f"load average {load}"
     )
     print(

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "lsoftmax/parallel.h"
 #include "lsoftmax/status.h"
 
 #define LSOFTMAX_ORT_EXPORT __attribute__((visibility("default")))
@@ -160,11 +161,19 @@ OrtStatus* guarded(const char* op, F&& fn) noexcept {
   }
 }
 
-// A kernel's Compute: counts the call (kernel_calls) and runs `body(ctx)` guarded.
+// The core's loops inside a kernel run on the session's intra-op pool through
+// KernelContext_ParallelFor (ORT API 17, onnxruntime 1.17); on older runtimes, serially on the
+// calling thread (never on threads of our own). init_parallel_api runs at registration.
+void init_parallel_api(const OrtApiBase* base);
+lsoftmax::ParallelFor ort_parallel_for(OrtKernelContext* context);
+
+// A kernel's Compute: counts the call (kernel_calls) and runs `body(ctx)` guarded, with the
+// core's loops on ORT's pool.
 template <typename F>
 OrtStatus* compute_guarded(const char* op, OrtKernelContext* context, F&& body) noexcept {
   return guarded(op, [&]() -> OrtStatus* {
     kernel_calls().fetch_add(1, std::memory_order_relaxed);
+    const lsoftmax::ParallelScope pool(ort_parallel_for(context));
     Ort::KernelContext ctx(context);
     return body(ctx);
   });

@@ -62,6 +62,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     return api_base->GetApi(1)->CreateStatus(ORT_FAIL, msg.c_str());
   }
   Ort::InitApi(api);
+  init_parallel_api(api_base);
   return guarded("RegisterCustomOps", [&]() -> OrtStatus* {
     Ort::CustomOpDomain domain(kDomain);
     for (const OrtCustomOp* op : all_ops()) domain.Add(op);

@@ -31,6 +31,8 @@ check, the device assert with ``"async"``) and makes the margin outputs NaN.
 from __future__ import annotations
 
 import functools
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +73,29 @@ def get_label_check() -> str:
     return str(_settings["label_check"])
 
 
+def _load_torch_ops() -> bool:
+    """Loads lsoftmax/_torch_ops.so (the core through torch's dispatcher, its loops on torch's
+    intra-op pool) when the build made it; otherwise the CPU path uses the numpy module."""
+    path = Path(_core.__file__).with_name("_torch_ops.so")
+    if not path.is_file():
+        return False
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as e:  # e.g. built against another torch than this one
+        warnings.warn(
+            f"lsoftmax: could not load {path.name} ({e}); CPU tensors go through the numpy "
+            "module instead (slower per call, loops on the core's own pool)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+#: True when the libtorch extension is loaded (``torch.ops.lsoftmax_cpu``).
+TORCH_OPS = _load_torch_ops()
+
+
 def _np(t: torch.Tensor):
     return t.detach().numpy()
 
@@ -101,6 +126,11 @@ def margin_forward_(
     ``margin_backward_`` takes back to skip recomputing them.
     """
     if logits.device.type == "cpu":
+        if TORCH_OPS and not return_stats:
+            torch.ops.lsoftmax_cpu.margin_forward_(
+                logits, x, weight, labels, margin, _host_lambda(lam)
+            )
+            return None
         return _core.margin_forward_(
             _np(logits), _np(x), _np(weight), _np(labels), margin, _host_lambda(lam), return_stats
         )
@@ -125,7 +155,11 @@ def margin_backward_(
     stats: dict[str, Any] | None = None,
 ) -> None:
     """``grad_x``/``grad_weight`` hold the plain GEMM gradients; adds the margin terms."""
-    if grad_logits.device.type == "cpu":
+    if grad_logits.device.type == "cpu" and TORCH_OPS and stats is None:
+        torch.ops.lsoftmax_cpu.margin_backward_(
+            grad_logits, x, weight, labels, grad_x, grad_weight, margin, _host_lambda(lam)
+        )
+    elif grad_logits.device.type == "cpu":
         _core.margin_backward_(
             _np(grad_logits),
             _np(x),

@@ -33,6 +33,13 @@ __all__ = [
 ]
 
 
+#: Raised on every path (eager, custom op, CPU, CUDA) by a second derivative of the layer.
+DOUBLE_BACKWARD_ERROR = (
+    "lsoftmax: the L-Softmax margin logits do not support double backward "
+    "(create_graph=True / second derivatives)"
+)
+
+
 def _check_pair(x: Tensor, weight: Tensor) -> None:
     # Called ops directly get the same named errors as the functional form (the core checks the
     # labels, margin and lambda); imported here because functional imports this module.
@@ -100,6 +107,19 @@ def _(grad: Tensor, x: Tensor, weight: Tensor, labels: Tensor, lam: Tensor, marg
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         weight, memory_format=torch.contiguous_format
     )
+
+
+def _no_double_backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+# Only reached when a graph of the backward is differentiated (create_graph=True, then backward
+# again): the kernels write in place, so there is no formula to give, only a clear error.
+def _no_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    pass
+
+
+linear_backward.register_autograd(_no_double_backward, setup_context=_no_setup)
 
 
 def _grads(ctx: Any, grad: Tensor, lam: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -207,10 +227,11 @@ def _(step: Tensor, kind: str, params: list[float]) -> Tensor:
 
 # --- eager CPU path -------------------------------------------------------------------------------
 # The custom ops above are what torch.compile, torch.export and the ONNX exporter see. Plain eager
-# calls on CPU tensors take the same forward and backward (_forward/_backward) through an
-# autograd.Function instead: it skips the custom-op dispatch (tens of microseconds per op and
-# step, a large share of the layer's cost at small class counts) and hands the forward's per-row
-# norms and cosines to the backward instead of recomputing them.
+# calls on CPU tensors skip the custom-op dispatch (tens of microseconds per op and step, a large
+# share of the layer's cost at small class counts) and hand the forward's per-row norms and cosines
+# to the backward instead of recomputing them: through the libtorch extension's
+# lsoftmax_cpu::margin_linear (one dispatcher call, a C++ autograd node), or, when the build has
+# no extension, through the same _forward/_backward in an autograd.Function.
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
@@ -236,14 +257,24 @@ class _EagerMarginLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        # The kernels add the margin terms in place, invisibly to autograd: a graph of this
+        # backward would carry a silently wrong second derivative.
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         x, weight, labels = ctx.saved_tensors
         grad_x, grad_w = _backward(grad, x, weight, labels, ctx.margin, ctx.lam, ctx.stats)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None
 
 
+# The overload itself: calling it skips the packet's overload resolution (a few µs per step).
+_CPP_MARGIN_LINEAR = torch.ops.lsoftmax_cpu.margin_linear.default if _kernels.TORCH_OPS else None
+
+
 def eager_margin_linear(
     x: Tensor, weight: Tensor, labels: Tensor, margin: int, lam: float
 ) -> Tensor:
     """Margin logits on the eager CPU path (call only when ``eager_cpu`` holds)."""
+    if _CPP_MARGIN_LINEAR is not None:
+        return _CPP_MARGIN_LINEAR(x, weight, labels, margin, lam)
     return _EagerMarginLinear.apply(x, weight, labels, margin, lam)

@@ -1,40 +1,37 @@
-// A minimal static-partition parallel loop. Every index is processed by exactly one thread with
-// no shared accumulators, so results are identical for every thread count.
+// The core's parallel loop: runs on the caller's executor (see lsoftmax/parallel.h). Every index
+// is processed by exactly one thread with no shared accumulators, so results are identical for
+// every executor and thread count.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
-#include <thread>
-#include <vector>
+#include <memory>
+#include <type_traits>
 
-#include "lsoftmax/lsoftmax.h"
+#include "lsoftmax/parallel.h"
 
 namespace lsoftmax {
 namespace detail {
 
-// Below this much work (items x cost) a thread start costs more than it saves.
+// Below this much work (items x cost) per range, handing a range to another thread costs more
+// than it saves.
 constexpr int64_t kMinWorkPerThread = 1 << 15;
 
 template <typename F>
 void parallel_for(int64_t n, int64_t cost_per_item, F&& fn) {
   if (n <= 0) return;
-  const int64_t by_work = std::max<int64_t>(1, n * std::max<int64_t>(cost_per_item, 1) / kMinWorkPerThread);
-  const int64_t threads = std::min<int64_t>({static_cast<int64_t>(get_num_threads()), by_work, n});
-  if (threads <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
+  using Fn = std::remove_reference_t<F>;
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(cost_per_item, 1));
+  if (n > grain) {
+    const ParallelFor pf = current_parallel_for();
+    const RangeBody body = [](void* ctx, int64_t begin, int64_t end) {
+      Fn& f = *static_cast<Fn*>(ctx);
+      for (int64_t i = begin; i < end; ++i) f(i);
+    };
+    void* ctx = const_cast<void*>(static_cast<const void*>(std::addressof(fn)));
+    if (pf.run != nullptr && pf.run(pf.ctx, n, grain, body, ctx)) return;
   }
-  const int64_t chunk = (n + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads - 1));
-  for (int64_t t = 1; t < threads; ++t) {
-    const int64_t lo = t * chunk, hi = std::min(n, lo + chunk);
-    pool.emplace_back([lo, hi, &fn] {
-      for (int64_t i = lo; i < hi; ++i) fn(i);
-    });
-  }
-  for (int64_t i = 0; i < std::min(n, chunk); ++i) fn(i);
-  for (auto& th : pool) th.join();
+  for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
 }  // namespace detail

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "lsoftmax/parallel.h"
 #include "lsoftmax/status.h"
 #include "lsoftmax/views.h"
 
@@ -41,9 +42,5 @@ Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
                        MatrixView<const T> w, LabelView<L> labels, MatrixView<T> grad_x,
                        MatrixView<T> grad_w, int64_t margin, double lambda,
                        RowStats<T> forward_stats = RowStats<T>());
-
-// Threads used by the per-row loops (default: hardware concurrency, or LSOFTMAX_NUM_THREADS).
-void set_num_threads(int n);
-int get_num_threads();
 
 }  // namespace lsoftmax

@@ -1,0 +1,213 @@
+// lsoftmax/_torch_ops.so: the core on CPU torch tensors, registered with torch's dispatcher
+// (namespace lsoftmax_cpu) and loaded by lsoftmax.torch when present.
+//
+// Two reasons to be in C++ rather than Python glue over the numpy module:
+//   - the core's loops run on torch's own intra-op pool (at::parallel_for), the one torch's
+//     GEMMs use, instead of a second pool competing with it for the cores;
+//   - the eager layer (lsoftmax_cpu::margin_linear) is one dispatcher call with a C++ autograd
+//     node: no Python runs in its forward glue or anywhere in its backward.
+// The Python custom ops (lsoftmax::*, for torch.compile / export / CUDA) keep their Python
+// definitions and use the in-place kernels below on CPU.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <string>
+
+#include "lsoftmax/lsoftmax.h"
+
+namespace {
+
+using lsoftmax::LabelView;
+using lsoftmax::MatrixView;
+using lsoftmax::Status;
+
+bool torch_run(void*, int64_t n, int64_t grain, lsoftmax::RangeBody body, void* body_ctx) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { body(body_ctx, begin, end); });
+  return true;
+}
+
+constexpr lsoftmax::ParallelFor kTorchPool{&torch_run, nullptr};
+
+void raise_if_error(const Status& s) {
+  if (s.ok()) return;
+  TORCH_CHECK_VALUE(s.code() != Status::Code::kInvalidArgument, s.message());
+  TORCH_CHECK(false, s.message());
+}
+
+void check_cpu_2d(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+}
+
+template <typename T>
+MatrixView<const T> cview(const char* name, const at::Tensor& t) {
+  check_cpu_2d(name, t);
+  return MatrixView<const T>{t.const_data_ptr<T>(), t.size(0), t.size(1), t.stride(0),
+                             t.stride(1)};
+}
+
+template <typename T>
+MatrixView<T> mview(const char* name, const at::Tensor& t) {
+  check_cpu_2d(name, t);
+  return MatrixView<T>{t.mutable_data_ptr<T>(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+}
+
+template <typename L>
+LabelView<L> lview(const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dim() == 1, "labels must be a 1-D CPU tensor");
+  return LabelView<L>{t.const_data_ptr<L>(), t.size(0), t.stride(0)};
+}
+
+// Calls f(T{}, L{}) for the (float, label) types of the call.
+template <typename F>
+void dispatch(const at::Tensor& x, const at::Tensor& labels, F&& f) {
+  const auto ft = x.scalar_type(), lt = labels.scalar_type();
+  TORCH_CHECK_TYPE(ft == at::kFloat || ft == at::kDouble, "x must be float32 or float64, got ",
+                   ft);
+  TORCH_CHECK_TYPE(lt == at::kInt || lt == at::kLong, "labels must be int32 or int64, got ", lt);
+  if (ft == at::kFloat) {
+    if (lt == at::kInt) return f(float{}, int32_t{});
+    return f(float{}, int64_t{});
+  }
+  if (lt == at::kInt) return f(double{}, int32_t{});
+  return f(double{}, int64_t{});
+}
+
+void check_same_dtype(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " is ", t.scalar_type(),
+                   " but x is ", x.scalar_type(), "; they must match");
+}
+
+// The forward's per-row stats, handed to the backward (norm_x, norm_w, cos_theta: the float
+// type; segment: int32).
+struct Stats {
+  at::Tensor norm_x, norm_w, cos_theta, segment;
+};
+
+template <typename T>
+lsoftmax::RowStats<T> row_stats(const Stats& s) {
+  if (!s.norm_x.defined()) return {};
+  return {s.norm_x.mutable_data_ptr<T>(), s.norm_w.mutable_data_ptr<T>(),
+          s.cos_theta.mutable_data_ptr<T>(), s.segment.mutable_data_ptr<int32_t>()};
+}
+
+void forward_inplace(const at::Tensor& logits, const at::Tensor& x, const at::Tensor& w,
+                     const at::Tensor& labels, int64_t margin, double lam, const Stats& stats) {
+  check_same_dtype("weight", w, x);
+  check_same_dtype("logits", logits, x);
+  dispatch(x, labels, [&](auto t_tag, auto l_tag) {
+    using T = decltype(t_tag);
+    using L = decltype(l_tag);
+    Status s;
+    {
+      const lsoftmax::ParallelScope pool(kTorchPool);
+      s = lsoftmax::margin_forward<T, L>(cview<T>("x", x), cview<T>("weight", w), lview<L>(labels),
+                                         mview<T>("logits", logits), margin, lam,
+                                         row_stats<T>(stats));
+    }
+    raise_if_error(s);
+  });
+}
+
+void backward_inplace(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w,
+                      const at::Tensor& labels, const at::Tensor& grad_x,
+                      const at::Tensor& grad_w, int64_t margin, double lam, const Stats& stats) {
+  check_same_dtype("weight", w, x);
+  check_same_dtype("grad_logits", grad, x);
+  check_same_dtype("grad_x", grad_x, x);
+  check_same_dtype("grad_weight", grad_w, x);
+  dispatch(x, labels, [&](auto t_tag, auto l_tag) {
+    using T = decltype(t_tag);
+    using L = decltype(l_tag);
+    Status s;
+    {
+      const lsoftmax::ParallelScope pool(kTorchPool);
+      s = lsoftmax::margin_backward<T, L>(
+          cview<T>("grad_logits", grad), cview<T>("x", x), cview<T>("weight", w), lview<L>(labels),
+          mview<T>("grad_x", grad_x), mview<T>("grad_weight", grad_w), margin, lam,
+          row_stats<T>(stats));
+    }
+    raise_if_error(s);
+  });
+}
+
+// --- ops ------------------------------------------------------------------------------------
+
+void margin_forward_op(const at::Tensor& logits, const at::Tensor& x, const at::Tensor& w,
+                       const at::Tensor& labels, int64_t margin, double lam) {
+  forward_inplace(logits, x, w, labels, margin, lam, Stats{});
+}
+
+void margin_backward_op(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w,
+                        const at::Tensor& labels, const at::Tensor& grad_x,
+                        const at::Tensor& grad_w, int64_t margin, double lam) {
+  backward_inplace(grad, x, w, labels, grad_x, grad_w, margin, lam, Stats{});
+}
+
+// The eager layer: logits = x W^T with the margin, and its backward, as one autograd node.
+class MarginLinear : public torch::autograd::Function<MarginLinear> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& w, const at::Tensor& labels, int64_t margin,
+                            double lam) {
+    check_cpu_2d("x", x);
+    check_cpu_2d("weight", w);
+    at::Tensor logits = at::mm(x, w.t());
+    const int64_t n = x.size(0);
+    Stats stats{at::empty({n}, x.options()), at::empty({n}, x.options()),
+                at::empty({n}, x.options()), at::empty({n}, x.options().dtype(at::kInt))};
+    forward_inplace(logits, x, w, labels, margin, lam, stats);
+    ctx->save_for_backward({x, w, labels, stats.norm_x, stats.norm_w, stats.cos_theta,
+                            stats.segment});
+    ctx->saved_data["margin"] = margin;
+    ctx->saved_data["lam"] = lam;
+    return logits;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    // The kernels write the margin terms into the gradients in place, which autograd cannot
+    // see: a graph of this backward would give a silently wrong second derivative.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "lsoftmax: the L-Softmax margin logits do not support double backward "
+                "(create_graph=True / second derivatives)");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &labels = saved[2];
+    const Stats stats{saved[3], saved[4], saved[5], saved[6]};
+    const at::Tensor grad = grads[0].contiguous();
+    at::Tensor grad_x = at::mm(grad, w);
+    at::Tensor grad_w = at::mm(grad.t(), x);
+    backward_inplace(grad, x, w, labels, grad_x, grad_w, ctx->saved_data["margin"].toInt(),
+                     ctx->saved_data["lam"].toDouble(), stats);
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    return {need_x ? grad_x : at::Tensor(), need_w ? grad_w : at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor margin_linear_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+                            int64_t margin, double lam) {
+  return MarginLinear::apply(x, w, labels, margin, lam);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lsoftmax_cpu, m) {
+  m.def("margin_forward_(Tensor(a!) logits, Tensor x, Tensor weight, Tensor labels, int margin, "
+        "float lam) -> ()");
+  m.def("margin_backward_(Tensor grad_logits, Tensor x, Tensor weight, Tensor labels, "
+        "Tensor(a!) grad_x, Tensor(b!) grad_weight, int margin, float lam) -> ()");
+  m.def("margin_linear(Tensor x, Tensor weight, Tensor labels, int margin, float lam) -> Tensor");
+  m.impl("margin_forward_", c10::DispatchKey::CPU, TORCH_FN(margin_forward_op));
+  m.impl("margin_backward_", c10::DispatchKey::CPU, TORCH_FN(margin_backward_op));
+  // Autograd lives inside (MarginLinear), so the op is registered as composite: eager only;
+  // torch.compile and export see the Python lsoftmax:: ops instead.
+  m.impl("margin_linear", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(margin_linear_op));
+}
