@@ -58,7 +58,10 @@ def _step_fn(method: str, classes: int):
         mod = LSoftmaxLinear(D, classes, MARGIN, Constant(LAM))
         return mod.weight, lambda: F.cross_entropy(mod(x, y), y)
     if method == "fused":
-        w = torch.nn.Parameter(torch.randn(classes, D, generator=g) * 0.05)
+        # Filled in place: a temporary C x D tensor here would raise ru_maxrss before the step
+        # and hide the step's own peak.
+        w = torch.nn.Parameter(torch.empty(classes, D))
+        torch.nn.init.normal_(w, 0.0, 0.05, generator=g)
         return w, lambda: margin_cross_entropy(x, w, y, MARGIN, lam=LAM)
     from pytorch_metric_learning import losses
 
