@@ -416,7 +416,7 @@ BAD_INPUTS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("module labels float", _m(y=_Y.float()), TypeError, "target"),
     ("module dtype", _m(x=_X.double()), TypeError, "x is torch.float64"),
     ("module features", _m(x=_X[:, :2]), ValueError, "features"),
-    ("module x 3-D", _m(x=_X[None]), ValueError, "x must be 2-D"),
+    ("module x 3-D, 1-D target", _m(x=_X[None]), ValueError, "target must have shape"),
 ]
 
 
