@@ -10,7 +10,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_curves", "plot_features", "plot_schedule", "read_metrics"]
+__all__ = [
+    "FeaturePanel",
+    "loss_name",
+    "plot_curves",
+    "plot_feature_panels",
+    "plot_features",
+    "plot_schedule",
+    "read_metrics",
+]
 
 
 def _pyplot() -> Any:
@@ -79,31 +87,78 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_curves(run_dir: str | Path, path: str | Path) -> Path:
-    """Loss and accuracy (train and test) per epoch, and lambda, from ``metrics.jsonl``."""
-    records = read_metrics(run_dir)
+def _run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The run's config.json, or ``{}`` when it has none (or an unreadable one)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _run_label(run_dir: str | Path) -> str:
+    """A legend label: the run's directory name and its loss, from config.json if it has one."""
+    cfg = _run_config(run_dir)
+    name = Path(run_dir).name
+    return f"{name}: {loss_name(cfg)}" if cfg else name
+
+
+def loss_name(cfg: dict[str, Any]) -> str:
+    """``softmax``, ``L-Softmax m=4`` or ``L-GM (alpha=0.1)`` for a run's configuration."""
+    if cfg.get("loss") == "lgm":
+        return f"L-GM (alpha={cfg.get('lgm', {}).get('alpha')})"
+    margin = cfg.get("margin")
+    return "softmax" if margin == 1 else f"L-Softmax m={margin}"
+
+
+def plot_curves(run_dirs: str | Path | Sequence[str | Path], path: str | Path) -> Path:
+    """Overlay runs' training curves from their ``metrics.jsonl``: test and train (margin-logit)
+    accuracy and loss per epoch, lambda, and the learning rate, one colour per run."""
+    dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    if not dirs:
+        raise ValueError("plot_curves needs at least one run directory")
+    runs = [(d, read_metrics(d)) for d in dirs]
     plt = _pyplot()
-    epochs = [r["epoch"] for r in records]
-    has_lambda = any(r.get("lambda_last") is not None for r in records)
-    ncols = 3 if has_lambda else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(4 * ncols, 3.4), dpi=100)
-    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in records], "o-", label="train (margin logits)")
-        ax.plot(epochs, [r[f"test_{key}"] for r in records], "s-", label="test")
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
+    (ax_acc, ax_loss), (ax_lam, ax_lr) = axes
+    cmap = plt.get_cmap("tab10")
+    any_lambda, all_positive = False, True
+    for i, (d, records) in enumerate(runs):
+        color, label = cmap(i % 10), _run_label(d)
+        epochs = [r["epoch"] for r in records]
+        ax_acc.plot(epochs, [r["test_acc"] for r in records], "o-", color=color, label=label)
+        ax_acc.plot(epochs, [r["train_acc"] for r in records], "--", color=color, alpha=0.6)
+        ax_loss.plot(epochs, [r["test_loss"] for r in records], "o-", color=color)
+        ax_loss.plot(epochs, [r["train_loss"] for r in records], "--", color=color, alpha=0.6)
+        # One point per epoch boundary; the LR holds for a whole epoch (drops between epochs).
+        ax_lr.step(epochs, [r["lr"] for r in records], where="mid", color=color, label=label)
+        # Softmax runs (margin 1) log their head's lambda too, but it has no effect there.
+        lams = [] if _run_config(d).get("margin") == 1 else [r.get("lambda_last") for r in records]
+        if any(v is not None for v in lams):
+            any_lambda = True
+            pts = [(r["step"], v) for r, v in zip(records, lams, strict=True) if v is not None]
+            all_positive &= all(v > 0 for _, v in pts)
+            ax_lam.plot(*zip(*pts, strict=True), "o-", color=color, label=label)
+    ax_acc.set_ylabel("accuracy (solid: test, dashed: train)")
+    ax_loss.set_ylabel("loss (solid: test, dashed: train)")
+    for ax in (ax_acc, ax_loss, ax_lr):
         ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_yscale("log")
+    ax_lam.set_xlabel("iteration (end of epoch)")
+    ax_lam.set_ylabel("lambda (end of epoch)")
+    if any_lambda and all_positive:
+        ax_lam.set_yscale("log")
+    if not any_lambda:
+        ax_lam.text(
+            0.5, 0.5, "no lambda (softmax / L-GM runs)", ha="center", transform=ax_lam.transAxes
+        )
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if has_lambda:
-        ax = axes[2]
-        steps = [r["step"] for r in records]
-        ax.plot(steps, [r["lambda_last"] for r in records], "o-")
-        if all((r.get("lambda_last") or 0) > 0 for r in records):
-            ax.set_yscale("log")
-        ax.set_xlabel("iteration (end of epoch)")
-        ax.set_ylabel("lambda")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"training curves: {Path(run_dir).name}", fontsize=10)
+    ax_acc.legend(fontsize=7, loc="lower right")
+    title = Path(dirs[0]).name if len(dirs) == 1 else f"{len(dirs)} runs"
+    fig.suptitle(f"training curves: {title}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path, plt)
 
@@ -124,57 +179,107 @@ def plot_features(
     ``variances`` is (C, 2) or (C, 1) (isotropic): the ellipse of class k has semi-axes
     ``sqrt(variances[k])`` around ``means[k]``.
     """
-    features = np.asarray(features, dtype=np.float64)
-    labels = np.asarray(labels)
-    if features.ndim != 2 or features.shape[1] != 2:
-        raise ValueError(
-            f"features must be (N, 2) to scatter (train a model with --feat-dim 2, e.g. "
-            f"--model feat2d_net), got shape {features.shape}"
-        )
-    if len(labels) != len(features):
-        raise ValueError(f"labels has {len(labels)} entries, features {len(features)}")
+    panel = FeaturePanel(features, labels, title, means, variances)
+    return plot_feature_panels([panel], path, classes=classes, max_points=max_points)
+
+
+class FeaturePanel:
+    """One run's 2-D features for :func:`plot_feature_panels` (checked on construction)."""
+
+    def __init__(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        title: str = "",
+        means: np.ndarray | None = None,
+        variances: np.ndarray | None = None,
+    ) -> None:
+        self.features = np.asarray(features, dtype=np.float64)
+        self.labels = np.asarray(labels)
+        if self.features.ndim != 2 or self.features.shape[1] != 2:
+            raise ValueError(
+                f"features must be (N, 2) to scatter (train a model with --feat-dim 2, e.g. "
+                f"--model feat2d_net), got shape {self.features.shape}"
+            )
+        if len(self.labels) != len(self.features):
+            raise ValueError(
+                f"labels has {len(self.labels)} entries, features {len(self.features)}"
+            )
+        self.title = title
+        self.means = None if means is None else np.asarray(means, dtype=np.float64)
+        self.variances = None if variances is None else np.asarray(variances, dtype=np.float64)
+
+
+def plot_feature_panels(
+    panels: Sequence[FeaturePanel],
+    path: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    max_points: int = 5000,
+) -> Path:
+    """Several runs' 2-D features side by side, one panel each, like the paper's Figure 2."""
+    if not panels:
+        raise ValueError("plot_feature_panels needs at least one panel")
     plt = _pyplot()
     from matplotlib.patches import Ellipse
 
-    if len(labels) > max_points:
-        idx = np.random.default_rng(0).choice(len(labels), max_points, replace=False)
-        features, labels = features[idx], labels[idx]
-    num_classes = int(labels.max()) + 1 if len(labels) else 0
-    if means is not None:
-        num_classes = max(num_classes, len(means))
+    ncols = min(len(panels), 4)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.6 * ncols, 4.6 * nrows + 0.4), dpi=100, squeeze=False
+    )
+    num_classes = max(
+        max(int(p.labels.max()) + 1 if len(p.labels) else 0, 0 if p.means is None else len(p.means))
+        for p in panels
+    )
     cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
-    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
-    for k in range(num_classes):
-        sel = labels == k
-        name = classes[k] if classes is not None and k < len(classes) else str(k)
-        ax.scatter(
-            features[sel, 0], features[sel, 1], s=4, alpha=0.6, color=cmap(k % 20), label=name
-        )
-    if means is not None:
-        means = np.asarray(means, dtype=np.float64)
-        ax.scatter(means[:, 0], means[:, 1], marker="x", s=60, c="black", label="class means")
-        if variances is not None:
-            variances = np.asarray(variances, dtype=np.float64)
-            for k, mu in enumerate(means):
-                v = variances[k] if variances.shape[1] == 2 else np.repeat(variances[k], 2)
-                ax.add_patch(
-                    Ellipse(
-                        (float(mu[0]), float(mu[1])),
-                        2 * math.sqrt(float(v[0])),
-                        2 * math.sqrt(float(v[1])),
-                        fill=False,
-                        color=cmap(k % 20),
-                        lw=1.5,
+    for ax, p in zip(axes.flat, panels, strict=False):
+        features, labels = p.features, p.labels
+        if len(labels) > max_points:
+            idx = np.random.default_rng(0).choice(len(labels), max_points, replace=False)
+            features, labels = features[idx], labels[idx]
+        for k in range(num_classes):
+            sel = labels == k
+            name = classes[k] if classes is not None and k < len(classes) else str(k)
+            ax.scatter(
+                features[sel, 0], features[sel, 1], s=4, alpha=0.6, color=cmap(k % 20), label=name
+            )
+        if p.means is not None:
+            ax.scatter(
+                p.means[:, 0], p.means[:, 1], marker="x", s=60, c="black", label="class means"
+            )
+            if p.variances is not None:
+                for k, mu in enumerate(p.means):
+                    v = (
+                        p.variances[k]
+                        if p.variances.shape[1] == 2
+                        else np.repeat(p.variances[k], 2)
                     )
-                )
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.grid(alpha=0.3)
-    legend = ax.legend(fontsize=7, loc="best")
+                    ax.add_patch(
+                        Ellipse(
+                            (float(mu[0]), float(mu[1])),
+                            2 * math.sqrt(float(v[0])),
+                            2 * math.sqrt(float(v[1])),
+                            fill=False,
+                            color=cmap(k % 20),
+                            lw=1.5,
+                        )
+                    )
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("feature 1")
+        ax.set_ylabel("feature 2")
+        ax.set_title(p.title or "2-D features", fontsize=10)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    legend = fig.legend(
+        handles, names, fontsize=8, loc="lower center", ncol=min(len(names), 11), frameon=False
+    )
     for handle in legend.legend_handles:  # the scatter's tiny dots are unreadable in a legend
         if hasattr(handle, "set_sizes"):
             handle.set_sizes([25])
-    ax.set_title(title or "2-D features", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.03, 1, 1))
     return _save(fig, path, plt)
 
 

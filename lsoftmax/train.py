@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lsoftmax.data import Dataset, load_dataset, subset
 from lsoftmax.models import MarginClassifier, build_model, model_kwargs_for
-from lsoftmax.schedules import Constant, Exponential, Scaled, Schedule
+from lsoftmax.schedules import Constant, Exponential, Onset, Scaled, Schedule
 from lsoftmax.torch.scheduled import ScheduledStep
 
 __all__ = [
@@ -79,18 +79,54 @@ def default_lr(model: str) -> float:
     return MODEL_DEFAULT_LR.get(model, DEFAULT_LR)
 
 
-def make_schedule(kind: str, **params: float | None) -> Schedule:
-    """A schedule from CLI-style parameters; ``None`` means the schedule's default."""
-    given = {k: v for k, v in params.items() if v is not None}
+_SCHEDULE_PARAMS = {
+    "onset": ("reach", "at", "warmup", "base", "lambda_min"),
+    "exponential": ("base", "gamma", "power", "lambda_min"),
+    "scaled": ("beta", "scale", "beta_min"),
+    "constant": ("value",),
+}
+
+
+def _option(param: str) -> str:
+    return "--lambda" if param == "value" else "--" + param.replace("_", "-")
+
+
+def make_schedule(kind: str, total_steps: int = 1, **params: float | None) -> Schedule:
+    """A schedule from CLI-style parameters; ``None`` means the schedule's default.
+
+    ``total_steps`` is the run length of an onset schedule (ignored by the others). A parameter
+    given for a schedule that does not take it is an error, not silently ignored.
+    """
+    if kind not in _SCHEDULE_PARAMS:
+        raise ValueError(f"schedule must be onset, exponential, scaled or constant, got {kind!r}")
+    keys = _SCHEDULE_PARAMS[kind]
+    given = {k: float(v) for k, v in params.items() if v is not None}
+    stray = [k for k in given if k not in keys]
+    if stray:
+        raise ValueError(
+            f"{', '.join(_option(k) for k in stray)} does not apply to the {kind} schedule "
+            f"(it takes {', '.join(_option(k) for k in keys)})"
+        )
+    if kind == "onset":
+        return Onset(int(total_steps), **given)
     if kind == "exponential":
-        keys = ("base", "gamma", "power", "lambda_min")
-        return Exponential(**{k: float(given[k]) for k in keys if k in given})
+        return Exponential(**given)
     if kind == "scaled":
-        keys = ("beta", "scale", "beta_min")
-        return Scaled(**{k: float(given[k]) for k in keys if k in given})
-    if kind == "constant":
-        return Constant(float(given.get("value", 0.0)))
-    raise ValueError(f"schedule must be exponential, scaled or constant, got {kind!r}")
+        return Scaled(**given)
+    return Constant(given.get("value", 0.0))
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Training steps in one epoch (the last batch may be short)."""
+    return -(-num_samples // batch_size)
+
+
+def resolve_schedule(schedule: dict[str, Any], total_steps: int) -> dict[str, Any]:
+    """``schedule`` with an onset schedule's ``total_steps`` of ``None`` (\"the length of the
+    run\") replaced by ``total_steps``; any other schedule unchanged."""
+    if schedule.get("kind") == "onset" and schedule.get("total_steps") is None:
+        return {**schedule, "total_steps": int(total_steps)}
+    return schedule
 
 
 @dataclass
@@ -341,6 +377,8 @@ def train(
     _prepare_run_dir(out, Path(resume) if resume is not None else None, start_epoch, overwrite)
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
     ds = subset(ds, cfg.limit, cfg.seed, cfg.test_limit)
+    steps = cfg.epochs * steps_per_epoch(len(ds.y_train), cfg.batch_size)
+    cfg.schedule = resolve_schedule(cfg.schedule, steps)
     model_kwargs = cfg.model_kwargs(ds)
     if model is None:
         model = build_model(cfg.model_name(), **model_kwargs)

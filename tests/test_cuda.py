@@ -23,7 +23,7 @@ from reference import lsoftmax_reference, max_rel_err, reference_with_grads, seg
 
 import lsoftmax.cuda as lc
 from lsoftmax import _core, core
-from lsoftmax.schedules import Constant, Exponential, Scaled, Schedule, StepUp
+from lsoftmax.schedules import Constant, Exponential, Onset, Scaled, Schedule, StepUp
 from lsoftmax.torch import LSoftmaxLinear, _kernels, set_deterministic, set_label_check
 from lsoftmax.torch._kernels import deterministic_enabled
 from lsoftmax.torch.functional import lsoftmax_logits
@@ -707,6 +707,12 @@ def _schedule_closed(kind: str, p: list[float], it: int) -> float:
     if kind == "scaled":
         beta, scale, beta_min = p
         return max(beta_min, beta * scale**it)
+    if kind == "onset":
+        total, reach, at, warmup, base, lambda_min = p
+        if it < warmup * total:
+            return base
+        frac = (it - warmup * total) / ((at - warmup) * total)
+        return max(lambda_min, base * math.exp(frac * math.log(reach / base)))
     if kind == "stepup":
         value, gamma, every, max_value = p
         try:
@@ -726,6 +732,8 @@ SCHEDULES: list[Schedule] = [
     Scaled(beta=1000.0, scale=0.5, beta_min=3.0),
     Constant(2.5),
     StepUp(0.1, 2.0, 3, 1.5),
+    Onset(3752, reach=1.0, at=0.3, warmup=0.125),
+    Onset(10, reach=5.0, at=0.5, warmup=0.0, base=100.0, lambda_min=2.0),
 ]
 SCHEDULE_STEPS = (0, 1, 2, 3, 7, 100, 12345, 10**6)
 
@@ -751,6 +759,8 @@ def test_schedule_spec_matches_closed_form_and_schedules(schedule: Schedule) -> 
         ("exponential", [1.0, 1.0, 1.0, 0.0, 0.5], "iteration must be an integer"),
         ("exponential", [1.0, -1.0, 1.0, 0.0, 0.0], "gamma must be a finite number >= 0"),
         ("stepup", [0.1, 2.0, 0.0, 1.0], "step must be >= 1"),
+        ("onset", [10.5, 1.0, 0.5, 0.0, 1000.0, 0.0], "total_steps must be an integer"),
+        ("onset", [10.0, 1.0, 0.5, 0.6, 1000.0, 0.0], "at must be a fraction"),
         ("constant", [float("nan")], "value must be a finite number >= 0"),
     ],
 )

@@ -1,7 +1,8 @@
-"""``lsoftmax demo``: train, export, run in ONNX Runtime, compare (a short version)."""
+"""``lsoftmax demo``: softmax and L-Softmax side by side, in PyTorch and ONNX Runtime."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,18 +12,54 @@ import torch
 
 from lsoftmax.cli import main
 
+ROW = re.compile(r"^(softmax|L-Softmax \(m=\d+\))\s+([\d.]+)\s+([\d.]+)\s+(\S+)$", re.M)
 
-def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "demo"
-    assert main(["demo", "--epochs", "3", "--out", str(out), "--no-progress"]) == 0
-    text = capsys.readouterr().out
-    acc = re.search(r"test accuracy\s+([\d.]+)\s+([\d.]+)", text)
+
+def _rows(text: str) -> dict[str, tuple[float, float, str]]:
+    return {m[1]: (float(m[2]), float(m[3]), m[4]) for m in ROW.finditer(text)}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp("demo")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    return buf.getvalue(), out
+
+
+def test_demo_prints_both_heads_in_both_runtimes(demo: tuple[str, Path]) -> None:
+    text, out = demo
+    rows = _rows(text)
+    assert list(rows) == ["softmax", "L-Softmax (m=4)"], text
+    for acc_torch, acc_ort, _ in rows.values():
+        assert acc_torch == acc_ort
+    soft, margin = rows["softmax"], rows["L-Softmax (m=4)"]
+    assert soft[2] == "-"
+    # The margin was really applied (lambda at its floor of 5: the target logit is 1/6 margin
+    # logit, not the ~1000 of a run that never left softmax) and paid off: the demo's promise.
+    final = json.loads((out / "m4" / "run" / "final.json").read_text())
+    assert float(margin[2]) == pytest.approx(final["lambda"], rel=1e-2)
+    assert final["lambda"] == 5.0
+    assert margin[0] >= soft[0], text
     diff = re.search(r"max \|logit difference\|: ([\d.e+-]+)", text)
-    assert acc and diff, text
-    acc_torch, acc_ort = float(acc.group(1)), float(acc.group(2))
-    assert acc_torch == acc_ort and acc_torch > 0.5  # 3 epochs are plenty for 8x8 digits
-    assert float(diff.group(1)) < 1e-3
+    assert diff and float(diff.group(1)) < 1e-3
 
+
+def test_demo_training_does_not_collapse(demo: tuple[str, Path]) -> None:
+    # After its peak, train accuracy (on the margin logits) never falls by more than 3 points.
+    _, out = demo
+    for run in ("m1", "m4"):
+        lines = (out / run / "run" / "metrics.jsonl").read_text().splitlines()
+        acc = [json.loads(line)["train_acc"] for line in lines]
+        peak = int(np.argmax(acc))
+        assert min(acc[peak:]) >= acc[peak] - 0.03, (run, acc)
+
+
+def test_demo_exports_the_custom_op_model(demo: tuple[str, Path]) -> None:
     # The exported file really is the custom-op model, and ORT with our library reproduces the
     # reloaded checkpoint's logits.
     import onnx
@@ -31,18 +68,32 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     from lsoftmax.checkpoint import load_model
     from lsoftmax.data import load_digits
 
-    proto = onnx.load(str(out / "model.onnx"))
+    _, out = demo
+    proto = onnx.load(str(out / "m4" / "model.onnx"))
     assert any(n.domain == "ai.lsoftmax" for n in proto.graph.node)
-    model, _ = load_model(out / "run" / "checkpoint.pt")
+    model, _ = load_model(out / "m4" / "run" / "checkpoint.pt")
     x = load_digits().x_test[:32]
-    sess = ort.session(out / "model.onnx")
+    sess = ort.session(out / "m4" / "model.onnx")
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         want = model(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_demo_numbers_do_not_depend_on_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    texts = []
+    for threads in ("1", "2"):
+        assert main(["demo", "--epochs", "4", "--threads", threads, "--no-progress"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert _rows(texts[0]) == _rows(texts[1]) and len(_rows(texts[0])) == 2
+
+
 def test_demo_bad_margin(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--margin", "0"]) == 2
+    assert main(["demo", "--margin", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "lsoftmax demo: error: --margin must be an integer >= 1, got 0"
+    assert err == (
+        "lsoftmax demo: error: --margin must be an integer >= 2 (the demo compares it with "
+        "softmax), got 1"
+    )
+    assert main(["demo", "--threads", "0"]) == 2
+    assert "--threads must be a positive integer" in capsys.readouterr().err

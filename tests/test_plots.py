@@ -99,3 +99,69 @@ def test_plot_errors(runs: dict[str, Path], tmp_path: Path, capsys: pytest.Captu
     assert "iters" in capsys.readouterr().err
     with pytest.raises(ValueError, match="features must be"):
         plot_features(np.zeros((4, 3)), np.zeros(4, int), tmp_path / "y.png")
+
+
+def _capture_figure(monkeypatch: pytest.MonkeyPatch) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    captured: dict = {}
+    original = plt.close
+
+    def keep(fig):  # inspect the figure before the plot function closes it
+        captured["fig"] = fig
+        return original(fig)
+
+    monkeypatch.setattr(plt, "close", keep)
+    return captured
+
+
+def test_plot_features_side_by_side(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import torch
+
+    from lsoftmax.checkpoint import load_model
+    from lsoftmax.data import load_digits
+
+    captured = _capture_figure(monkeypatch)
+    png = tmp_path / "both.png"
+    assert main(["plot", "features", str(runs["ls2d"]), str(runs["lgm"]), "-o", str(png)]) == 0
+    assert_png(png)
+    panels = [ax for ax in captured["fig"].axes if ax.get_visible()]
+    assert len(panels) == 2
+    for ax in panels:
+        assert ax.get_xlabel() == "feature 1" and ax.get_ylabel() == "feature 2"
+    # Each panel's title states its loss and its test accuracy, recomputed here independently.
+    model, _ = load_model(runs["ls2d"] / "checkpoint.pt")
+    ds = load_digits()
+    with torch.no_grad():
+        acc = float((model.eval()(ds.x_test).argmax(1) == ds.y_test).double().mean())
+    assert "L-Softmax m=2" in panels[0].get_title()
+    assert f"accuracy {acc:.4f}" in panels[0].get_title()
+    assert "L-GM" in panels[1].get_title()
+    cfg = json.loads((runs["lgm"] / "config.json").read_text())
+    assert cfg["loss"] == "lgm"
+
+
+def test_plot_curves_overlays_runs_with_the_lr(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lsoftmax.plots import read_metrics
+
+    captured = _capture_figure(monkeypatch)
+    png = tmp_path / "curves.png"
+    assert main(["plot", "curves", str(runs["ls2d"]), str(runs["wide"]), "-o", str(png)]) == 0
+    assert_png(png)
+    axes = {ax.get_ylabel(): ax for ax in captured["fig"].axes}
+    lr_ax = axes["learning rate"]
+    lines = lr_ax.get_lines()
+    assert len(lines) == 2  # one LR line per run
+    assert list(lines[0].get_ydata()) == [r["lr"] for r in read_metrics(runs["ls2d"])]
+    acc_ax = next(ax for label, ax in axes.items() if label.startswith("accuracy"))
+    legend = [t.get_text() for t in acc_ax.get_legend().get_texts()]
+    assert legend == ["ls2d: L-Softmax m=2", "wide: L-Softmax m=4"]

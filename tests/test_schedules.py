@@ -12,7 +12,14 @@ import torch
 from reference import lsoftmax_reference, max_rel_err, segment_case
 
 import lsoftmax.torch  # noqa: F401  (registers torch.ops.lsoftmax)
-from lsoftmax.schedules import Constant, Exponential, Scaled, Schedule, schedule_from_dict
+from lsoftmax.schedules import (
+    Constant,
+    Exponential,
+    Onset,
+    Scaled,
+    Schedule,
+    schedule_from_dict,
+)
 from lsoftmax.torch import LSoftmaxLinear
 
 STEPS = (0, 1, 2, 7, 100, 1000, 12345, 10**5, 10**6)
@@ -180,3 +187,78 @@ def test_state_dict_restores_the_lambda_sequence() -> None:
         torch.testing.assert_close(restored(x, y), original(x, y), rtol=0, atol=0)
     assert int(restored.step) == int(original.step) == 6
     assert restored.current_lambda == schedule.value(5)
+
+
+# --- Onset: a schedule stated relative to the run's length -------------------------------------
+
+
+def onset_closed(
+    it: int, total: int, reach: float, at: float, warmup: float, base: float, lambda_min: float
+) -> float:
+    """Written from the definition: flat at base, then log-linear through (at * total, reach)."""
+    if it < warmup * total:
+        return base
+    frac = (it - warmup * total) / ((at - warmup) * total)
+    return max(lambda_min, math.exp(math.log(base) + frac * (math.log(reach) - math.log(base))))
+
+
+ONSETS = [
+    {"total_steps": 3752, "reach": 1.0, "at": 0.3, "warmup": 0.125},
+    {"total_steps": 100, "reach": 5.0, "at": 0.5, "warmup": 0.0, "base": 100.0, "lambda_min": 2.0},
+    {"total_steps": 7, "reach": 0.1, "at": 1.0, "warmup": 0.5},
+]
+
+
+@pytest.mark.parametrize("kw", ONSETS, ids=repr)
+def test_onset_matches_its_definition(kw: dict) -> None:
+    s = Onset(**kw)
+    p = {"base": 1000.0, "lambda_min": 0.0, **kw}
+    total, at, warmup = p["total_steps"], p["at"], p["warmup"]
+    for it in (*range(total + 3), 10 * total):
+        expected = onset_closed(it, total, p["reach"], at, warmup, p["base"], p["lambda_min"])
+        assert s.value(it) == pytest.approx(expected, rel=1e-12, abs=0.0), it
+        op = torch.ops.lsoftmax.schedule_lambda(torch.tensor(it), s.kind, s.params())
+        assert op.item() == s.value(it)
+    # The landmarks the parameters name: softmax through the warm-up, `reach` at `at`.
+    first_after = math.ceil(warmup * total)
+    assert all(s.value(it) == p["base"] for it in range(first_after))
+    if (at * total).is_integer():
+        assert s.value(int(at * total)) == pytest.approx(max(p["reach"], p["lambda_min"]))
+    assert schedule_from_dict(s.to_dict()) == s
+
+
+def test_onset_is_relative_to_the_run() -> None:
+    # The same parameters put the margin at the same point of a short and a long run.
+    short, long = (
+        Onset(400, reach=1.0, at=0.3, warmup=0.1),
+        Onset(40_000, reach=1.0, at=0.3, warmup=0.1),
+    )
+    for frac in (0.05, 0.2, 0.3, 0.5, 0.9):
+        assert short.value(int(frac * 400)) == pytest.approx(
+            long.value(int(frac * 40_000)), rel=1e-12
+        )
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"total_steps": 0}, "total_steps must be >= 1"),
+        ({"total_steps": 10, "reach": 0.0}, "reach must be > 0"),
+        ({"total_steps": 10, "reach": 2000.0}, "reach must be > 0 and <= base"),
+        ({"total_steps": 10, "at": 0.2, "warmup": 0.2}, "at must be a fraction"),
+        ({"total_steps": 10, "at": 1.5}, "at must be a fraction"),
+        ({"total_steps": 10, "warmup": -0.1}, "warmup must be a finite number >= 0"),
+        ({"total_steps": 10, "base": math.inf}, "base must be a finite number > 0"),
+        ({"total_steps": 10, "lambda_min": math.nan}, "lambda_min"),
+    ],
+)
+def test_onset_bad_parameters_name_them(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Onset(**kw)
+
+
+def test_onset_total_steps_must_be_an_int() -> None:
+    with pytest.raises(TypeError, match="total_steps must be an int"):
+        Onset(total_steps=10.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="step"):
+        Onset(10).value(-1)

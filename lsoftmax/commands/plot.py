@@ -17,12 +17,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
 
-    f = sub.add_parser("features", help="scatter a 2-D-feature run's test features by class")
-    f.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or a checkpoint.pt)")
+    f = sub.add_parser(
+        "features",
+        help="scatter 2-D-feature runs' test features by class, one panel per run",
+        description="Scatter the 2-D features of one or more runs side by side (the paper's "
+        "Figure 2), each panel titled with its loss and its accuracy on the plotted split.",
+    )
+    f.add_argument(
+        "run_dirs", nargs="+", metavar="RUN", help="run directories (or checkpoint.pt files)"
+    )
     f.add_argument("--split", choices=("test", "train"), default="test")
     f.add_argument("--max-points", type=int, default=5000)
     f.add_argument("--data-dir", default=None, help="data directory if not the run's")
-    f.add_argument("-o", "--output", default=None, help="PNG path (default RUN_DIR/features.png)")
+    f.add_argument(
+        "-o", "--output", default=None, help="PNG path (default: the first RUN's features.png)"
+    )
     f.set_defaults(func=run_features)
 
     s = sub.add_parser("schedule", help="lambda over training iterations")
@@ -32,18 +41,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("-o", "--output", default="schedule.png", help="PNG path (schedule.png)")
     s.set_defaults(func=run_schedule)
 
-    c = sub.add_parser("curves", help="loss/accuracy/lambda per epoch from metrics.jsonl")
-    c.add_argument("run_dir", metavar="RUN_DIR")
-    c.add_argument("-o", "--output", default=None, help="PNG path (default RUN_DIR/curves.png)")
+    c = sub.add_parser(
+        "curves", help="overlay runs' accuracy, loss, lambda and LR per epoch (metrics.jsonl)"
+    )
+    c.add_argument("run_dirs", nargs="+", metavar="RUN", help="run directories")
+    c.add_argument(
+        "-o", "--output", default=None, help="PNG path (default: the first RUN's curves.png)"
+    )
     c.set_defaults(func=run_curves)
 
 
 def run_schedule(args: argparse.Namespace) -> int:
     from lsoftmax.plots import plot_schedule
 
-    path = plot_schedule(
-        schedule_from_args(args), args.iters, args.output, log_scale=not args.linear
-    )
+    # An onset schedule is relative to the run: plot it over a run of --iters steps (at least
+    # one, so that a bad --iters is reported by plot_schedule, naming the option).
+    schedule = schedule_from_args(args, total_steps=max(args.iters, 1))
+    path = plot_schedule(schedule, args.iters, args.output, log_scale=not args.linear)
     print(f"wrote {path}")
     return 0
 
@@ -51,20 +65,20 @@ def run_schedule(args: argparse.Namespace) -> int:
 def run_curves(args: argparse.Namespace) -> int:
     from lsoftmax.plots import plot_curves
 
-    out = args.output or str(Path(args.run_dir) / "curves.png")
-    print(f"wrote {plot_curves(args.run_dir, out)}")
+    out = args.output or str(Path(args.run_dirs[0]) / "curves.png")
+    print(f"wrote {plot_curves(args.run_dirs, out)}")
     return 0
 
 
-def run_features(args: argparse.Namespace) -> int:
+def _feature_panel(run: str, split: str, data_dir: str | None) -> tuple[object, tuple[str, ...]]:
     import torch
 
     from lsoftmax.checkpoint import load_model
     from lsoftmax.cli import CLIError
     from lsoftmax.data import load_dataset, subset
-    from lsoftmax.plots import plot_features
+    from lsoftmax.plots import FeaturePanel, loss_name
 
-    given = Path(args.run_dir)
+    given = Path(run)
     ckpt = given if given.is_file() else given / "checkpoint.pt"
     if not ckpt.is_file():
         raise CLIError(f"no checkpoint at {ckpt}: pass a run directory of lsoftmax train")
@@ -75,11 +89,11 @@ def run_features(args: argparse.Namespace) -> int:
         raise CLIError(f"{ckpt} has no training config; cannot tell which data set to plot")
     if getattr(model, "feat_dim", None) != 2:
         raise CLIError(
-            f"the run's feature layer has {getattr(model, 'feat_dim', '?')} units, not 2: train "
-            "with --model feat2d_net (or --feat-dim 2) to plot features"
+            f"{run}: the run's feature layer has {getattr(model, 'feat_dim', '?')} units, not 2: "
+            "train with --model feat2d_net (or --feat-dim 2) to plot features"
         )
-    ds = load_dataset(cfg["dataset"], args.data_dir or cfg.get("data_dir"))
-    if args.split == "test":
+    ds = load_dataset(cfg["dataset"], data_dir or cfg.get("data_dir"))
+    if split == "test":
         ds = subset(ds, None, cfg.get("seed", 0), cfg.get("test_limit"))
         x, y = ds.x_test, ds.y_test
     else:
@@ -88,25 +102,26 @@ def run_features(args: argparse.Namespace) -> int:
     model.eval()
     with torch.no_grad():
         feats = torch.cat([model.features(x[i : i + 1000]) for i in range(0, len(y), 1000)])
+        pred = torch.cat([model(x[i : i + 1000]) for i in range(0, len(y), 1000)])
+    acc = float((pred.argmax(1) == y).double().mean())
     means = variances = None
-    head = model.head
-    title = f"{cfg['dataset']} {args.split} features, "
     if getattr(model, "head_kind", "") == "lgm":
-        means = head.means.detach().numpy()
-        variances = head.variances.numpy()
-        title += f"L-GM (alpha={cfg.get('lgm', {}).get('alpha')})"
-    else:
-        margin = cfg.get("margin")
-        title += "softmax" if margin == 1 else f"L-Softmax m={margin}"
-    out = args.output or str(ckpt.parent / "features.png")
-    path = plot_features(
-        feats.numpy(),
-        y.numpy(),
+        means = model.head.means.detach().numpy()
+        variances = model.head.variances.numpy()
+    title = f"{loss_name(cfg)}\n{cfg['dataset']} {split} accuracy {acc:.4f}"
+    return FeaturePanel(feats.numpy(), y.numpy(), title, means, variances), ds.classes
+
+
+def run_features(args: argparse.Namespace) -> int:
+    from lsoftmax.plots import plot_feature_panels
+
+    made = [_feature_panel(run, args.split, args.data_dir) for run in args.run_dirs]
+    given = Path(args.run_dirs[0])
+    out = args.output or str((given.parent if given.is_file() else given) / "features.png")
+    path = plot_feature_panels(
+        [panel for panel, _ in made],  # type: ignore[misc]
         out,
-        classes=ds.classes,
-        title=title,
-        means=means,
-        variances=variances,
+        classes=made[0][1],
         max_points=args.max_points,
     )
     print(f"wrote {path}")

@@ -17,28 +17,40 @@ DATASET_CHOICES = ("digits", "fashion-mnist", "mnist", "cifar10")
 
 def add_schedule_args(p: argparse.ArgumentParser) -> None:
     """The lambda-schedule options (shared with ``lsoftmax plot schedule``)."""
-    g = p.add_argument_group("lambda schedule (defaults: the paper's MNIST setting)")
+    g = p.add_argument_group(
+        "lambda schedule (default: onset, relative to the run's length; docs/accuracy.md)"
+    )
     g.add_argument(
         "--schedule",
-        default="exponential",
-        help="exponential: max(lambda_min, base*(1+gamma*iter)^-power); "
+        default="onset",
+        help="onset: lambda = base until --warmup of the run, then falls to --reach at --at of "
+        "the run (fractions of the total steps), floored at --lambda-min; "
+        "exponential: max(lambda_min, base*(1+gamma*iter)^-power); "
         "scaled: max(beta_min, beta*scale^step); constant: --lambda",
     )
-    g.add_argument("--base", type=float, default=None, help="exponential: base (1000)")
+    g.add_argument("--base", type=float, default=None, help="exponential, onset: base (1000)")
+    g.add_argument("--reach", type=float, default=None, help="onset: lambda reached at --at")
+    g.add_argument("--at", type=float, default=None, help="onset: fraction of the run")
+    g.add_argument("--warmup", type=float, default=None, help="onset: softmax fraction of the run")
     g.add_argument("--gamma", type=float, default=None, help="exponential: gamma (2.5e-5)")
     g.add_argument("--power", type=float, default=None, help="exponential: power (35)")
-    g.add_argument("--lambda-min", type=float, default=None, help="exponential: floor (0)")
+    g.add_argument("--lambda-min", type=float, default=None, help="exponential, onset: floor (0)")
     g.add_argument("--beta", type=float, default=None, help="scaled: start (100)")
     g.add_argument("--scale", type=float, default=None, help="scaled: factor per step (0.99)")
     g.add_argument("--beta-min", type=float, default=None, help="scaled: floor (0)")
     g.add_argument("--lambda", dest="lambda_", type=float, default=None, help="constant: value")
 
 
-def schedule_from_args(args: argparse.Namespace) -> Schedule:
+def schedule_from_args(args: argparse.Namespace, total_steps: int = 1) -> Schedule:
+    """The schedule the options describe; ``total_steps`` is an onset schedule's run length."""
     from lsoftmax.train import make_schedule
 
     return make_schedule(
         args.schedule,
+        total_steps=total_steps,
+        reach=args.reach,
+        at=args.at,
+        warmup=args.warmup,
         base=args.base,
         gamma=args.gamma,
         power=args.power,
@@ -160,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
 
     from lsoftmax.train import TrainConfig, train
 
-    schedule = schedule_from_args(args)
+    schedule = schedule_from_args(args).to_dict()
+    if schedule["kind"] == "onset":
+        schedule["total_steps"] = None  # the run's length: train() fills it in
     overrides = {
         "width": args.width,
         "convs_per_stage": args.convs_per_stage,
@@ -174,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         loss=args.loss,
         margin=args.margin,
-        schedule=schedule.to_dict(),
+        schedule=schedule,
         model_overrides={k: v for k, v in overrides.items() if v is not None},
         lgm={"alpha": args.alpha, "lambda_lkd": args.lambda_lkd, "isotropic": args.isotropic}
         if args.loss == "lgm"

@@ -215,6 +215,9 @@ def schedule_lambda(step: Tensor, kind: str, params: list[float]) -> Tensor:
     elif kind == "stepup":
         start, gamma, every, max_value = params
         value = _core.stepup_value(start, gamma, int(every), max_value, it)
+    elif kind == "onset":
+        total, reach, at, warmup, base, lambda_min = params
+        value = _core.onset_lambda(int(total), reach, at, warmup, base, lambda_min, it)
     else:
         raise ValueError(f"unknown schedule kind {kind!r}")
     return torch.tensor(value, dtype=torch.float64)

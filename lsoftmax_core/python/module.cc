@@ -180,6 +180,13 @@ PYBIND11_MODULE(_core, m) {
     if (it < 0) throw py::value_error("step must be >= 0, got " + std::to_string(it));
     return scaled_lambda(beta, scale, beta_min, it);
   }, py::arg("beta"), py::arg("scale"), py::arg("beta_min"), py::arg("step"));
+  m.def("onset_lambda", [](int64_t total_steps, double reach, double at, double warmup,
+                           double base, double lambda_min, int64_t it) {
+    raise_if_error(validate_onset(total_steps, reach, at, warmup, base, lambda_min));
+    if (it < 0) throw py::value_error("step must be >= 0, got " + std::to_string(it));
+    return onset_lambda(total_steps, reach, at, warmup, base, lambda_min, it);
+  }, py::arg("total_steps"), py::arg("reach"), py::arg("at"), py::arg("warmup"), py::arg("base"),
+     py::arg("lambda_min"), py::arg("step"));
   m.def("validate_constant", [](double v) { raise_if_error(validate_constant(v)); }, py::arg("value"));
 
   m.def("set_num_threads", &set_num_threads, py::arg("n"),

@@ -84,6 +84,35 @@ Status validate_stepup(double value, double gamma, int64_t step, double max_valu
   return Status::Ok();
 }
 
+double onset_lambda(int64_t total_steps, double reach, double at, double warmup, double base,
+                    double lambda_min, int64_t it) {
+  return schedule_math::onset(total_steps, reach, at, warmup, base, lambda_min, it);
+}
+
+Status validate_onset(int64_t total_steps, double reach, double at, double warmup, double base,
+                      double lambda_min) {
+  if (total_steps < 1) {
+    return Status::InvalidArgument("total_steps must be >= 1, got " + std::to_string(total_steps));
+  }
+  for (const auto& [name, v] : {std::pair<const char*, double>{"warmup", warmup},
+                                {"lambda_min", lambda_min}}) {
+    Status s = must_be_nonneg(name, v);
+    if (!s.ok()) return s;
+  }
+  if (!(std::isfinite(base) && base > 0.0)) {
+    return Status::InvalidArgument("base must be a finite number > 0, got " + std::to_string(base));
+  }
+  if (!(std::isfinite(reach) && reach > 0.0 && reach <= base)) {
+    return Status::InvalidArgument("reach must be > 0 and <= base (" + std::to_string(base) +
+                                   "), got " + std::to_string(reach));
+  }
+  if (!(std::isfinite(at) && at > warmup && at <= 1.0)) {
+    return Status::InvalidArgument("at must be a fraction of the run in (warmup, 1] = (" +
+                                   std::to_string(warmup) + ", 1], got " + std::to_string(at));
+  }
+  return Status::Ok();
+}
+
 Status validate_schedule(const ScheduleSpec& s) {
   switch (s.kind) {
     case ScheduleKind::kConstant:
@@ -94,6 +123,8 @@ Status validate_schedule(const ScheduleSpec& s) {
       return validate_scaled(s.p[0], s.p[1], s.p[2]);
     case ScheduleKind::kStepUp:
       return validate_stepup(s.p[0], s.p[1], s.n, s.p[2]);
+    case ScheduleKind::kOnset:
+      return validate_onset(s.n, s.p[0], s.p[1], s.p[2], s.p[3], s.p[4]);
   }
   return Status::InvalidArgument("unknown schedule kind code " +
                                  std::to_string(static_cast<int>(s.kind)));
@@ -129,10 +160,17 @@ Status make_schedule(const char* kind, const double* params, size_t count, Sched
       spec.p[1] = params[1];
       spec.p[2] = params[3];
     }
+  } else if (k == "onset") {
+    spec.kind = ScheduleKind::kOnset;
+    s = param_count(k, count, 6);
+    if (s.ok()) s = integral_param("total_steps", params[0], &spec.n);
+    if (s.ok()) {
+      for (int j = 0; j < 5; ++j) spec.p[j] = params[j + 1];
+    }
   } else {
     return Status::InvalidArgument(
         "unknown schedule kind '" + k +
-        "'; expected one of 'constant', 'exponential', 'scaled', 'stepup'");
+        "'; expected one of 'constant', 'exponential', 'scaled', 'stepup', 'onset'");
   }
   if (s.ok()) s = validate_schedule(spec);
   if (s.ok()) *out = spec;

@@ -48,17 +48,37 @@ LSOFTMAX_HD double stepup(double value, double gamma, int64_t step, double max_v
   return min_of(max_value, value * std::pow(gamma, static_cast<double>(it / step)));
 }
 
+// Length-aware: lambda stays at `base` for the first warmup * total steps (softmax in effect),
+// then falls geometrically so that it reaches `reach` at step at * total (and keeps falling at
+// the same rate after it), never below lambda_min. 0 <= warmup < at, 0 < reach <= base.
+LSOFTMAX_HD double onset(int64_t total, double reach, double at, double warmup, double base,
+                         double lambda_min, int64_t it) {
+  const double steps = static_cast<double>(total);
+  const double t0 = mul_rn(warmup, steps);
+  const double t1 = mul_rn(at, steps);
+  const double s = static_cast<double>(it);
+  if (s < t0) return base;
+  return max_of(lambda_min, base * std::pow(reach / base, (s - t0) / (t1 - t0)));
+}
+
 }  // namespace schedule_math
 
 // One schedule as plain data, so that it can be passed by value to a kernel.
-enum class ScheduleKind : int32_t { kConstant = 0, kExponential = 1, kScaled = 2, kStepUp = 3 };
+enum class ScheduleKind : int32_t {
+  kConstant = 0,
+  kExponential = 1,
+  kScaled = 2,
+  kStepUp = 3,
+  kOnset = 4
+};
 
 struct ScheduleSpec {
   ScheduleKind kind = ScheduleKind::kConstant;
   // constant: {value}; exponential: {base, gamma, power, lambda_min}; scaled: {beta, scale,
-  // beta_min}; stepup: {value, gamma, max_value}.
-  double p[4] = {0.0, 0.0, 0.0, 0.0};
-  // exponential: the resume offset `iteration`; stepup: `step` (steps per multiplication).
+  // beta_min}; stepup: {value, gamma, max_value}; onset: {reach, at, warmup, base, lambda_min}.
+  double p[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  // exponential: the resume offset `iteration`; stepup: `step` (steps per multiplication);
+  // onset: `total_steps`.
   int64_t n = 0;
 };
 
@@ -71,6 +91,8 @@ LSOFTMAX_HD double schedule_value(const ScheduleSpec& s, int64_t it) {
       return schedule_math::scaled(s.p[0], s.p[1], s.p[2], it);
     case ScheduleKind::kStepUp:
       return schedule_math::stepup(s.p[0], s.p[1], s.n, s.p[2], it);
+    case ScheduleKind::kOnset:
+      return schedule_math::onset(s.n, s.p[0], s.p[1], s.p[2], s.p[3], s.p[4], it);
     case ScheduleKind::kConstant:
       break;
   }

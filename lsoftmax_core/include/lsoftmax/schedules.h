@@ -27,10 +27,17 @@ Status validate_constant(double value);
 double stepup_value(double value, double gamma, int64_t step, double max_value, int64_t it);
 Status validate_stepup(double value, double gamma, int64_t step, double max_value);
 
+// Length-aware (schedule_math::onset): base until warmup * total_steps, then a geometric fall
+// that reaches `reach` at at * total_steps, floored at lambda_min.
+double onset_lambda(int64_t total_steps, double reach, double at, double warmup, double base,
+                    double lambda_min, int64_t it);
+Status validate_onset(int64_t total_steps, double reach, double at, double warmup, double base,
+                      double lambda_min);
+
 // The checks of the validate_* function of the spec's kind.
 Status validate_schedule(const ScheduleSpec& spec);
 
-// A schedule from its kind name ("constant", "exponential", "scaled", "stepup") and its
+// A schedule from its kind name ("constant", "exponential", "scaled", "stepup", "onset") and its
 // parameters as a flat list in the order of the functions above (iteration and step as
 // integral doubles), as lsoftmax.schedules.Schedule.params() gives them; validated like them.
 Status make_schedule(const char* kind, const double* params, size_t count, ScheduleSpec* out);
