@@ -212,7 +212,8 @@ ONSETS = [
 @pytest.mark.parametrize("kw", ONSETS, ids=repr)
 def test_onset_matches_its_definition(kw: dict) -> None:
     s = Onset(**kw)
-    p = {"base": 1000.0, "lambda_min": 0.0, **kw}
+    defaults = Onset().to_dict()
+    p = {"base": defaults["base"], "lambda_min": defaults["lambda_min"], **kw}
     total, at, warmup = p["total_steps"], p["at"], p["warmup"]
     for it in (*range(total + 3), 10 * total):
         expected = onset_closed(it, total, p["reach"], at, warmup, p["base"], p["lambda_min"])
