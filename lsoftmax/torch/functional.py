@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import operator
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from lsoftmax import _core
 from lsoftmax._checks import check_features
 from lsoftmax.torch import ops  # also registers torch.ops.lsoftmax
 
@@ -26,11 +29,17 @@ _CUDA_FLOATS = (torch.float16, torch.bfloat16)
 
 
 def check_margin(margin: object) -> int:
-    if isinstance(margin, bool) or not isinstance(margin, int):
+    """``margin`` as an int: the core's rule (an integer, numpy ones too, in [1, 2^20]).
+
+    Plain Python (no call into the extension) so that compiled graphs can trace it; the bound
+    is the core's ``max_margin``.
+    """
+    if isinstance(margin, (bool, np.bool_)) or not hasattr(type(margin), "__index__"):
         raise TypeError(f"margin must be an int, got {type(margin).__name__}")
-    if margin < 1:
-        raise ValueError(f"margin must be >= 1, got {margin}")
-    return margin
+    value = operator.index(margin)  # type: ignore[arg-type]
+    if not 1 <= value <= _core.max_margin:
+        raise ValueError(f"margin must be an integer in [1, 2^20], got {value}")
+    return value
 
 
 def check_lambda(lam: object) -> float:

@@ -53,8 +53,8 @@ __device__ __forceinline__ void warp_argmax(double* v, long long* k) {
       *k = ok;
     }
   }
-  // A serial scan that finds no score above -inf keeps class 0.
-  if (!(*v > -INFINITY)) *k = 0;
+  // A serial scan that finds no score above -inf keeps class 0 (a NaN score has won already).
+  if (*v == -INFINITY) *k = 0;
 }
 
 __device__ __forceinline__ void raise_flag(int32_t* flag, int32_t bit) {

@@ -17,6 +17,7 @@
 #include "array_views.h"
 #include "bindings.h"
 #include "cuda_args.h"
+#include "scalar_args.h"
 #include "lsoftmax/labels.h"
 #include "lsoftmax/lsoftmax.h"
 #include "lsoftmax/lsoftmax_cuda.h"  // declarations only: the launchers exist with CUDA
@@ -34,14 +35,6 @@ ScheduleSpec schedule_of(const std::string& kind, const std::vector<double>& par
   ScheduleSpec spec;
   raise_if_error(make_schedule(kind.c_str(), params.data(), params.size(), &spec));
   return spec;
-}
-
-int64_t margin_arg(const py::handle& margin) {
-  if (PyBool_Check(margin.ptr()) || !PyLong_Check(margin.ptr())) {
-    throw py::type_error("margin must be an int, got " +
-                         py::str(py::type::of(margin)).cast<std::string>());
-  }
-  return margin.cast<int64_t>();
 }
 
 #ifdef LSOFTMAX_WITH_CUDA

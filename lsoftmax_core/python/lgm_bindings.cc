@@ -12,6 +12,7 @@
 #include "array_views.h"
 #include "bindings.h"
 #include "cuda_args.h"
+#include "scalar_args.h"
 #include "lsoftmax/lgm.h"
 #include "lsoftmax/schedules.h"
 #ifdef LSOFTMAX_WITH_CUDA
@@ -111,7 +112,8 @@ py::tuple prepare_py(py::array means_in, py::array lv_in) {
 
 int64_t forward_py(py::array logits, py::array loglik, py::array x_in, py::array means_in,
                    py::array lv_in, py::array offset_in, py::object sq_obj, py::object labels,
-                   double alpha, bool include_logdet) {
+                   py::object alpha_obj, bool include_logdet) {
+  const double alpha = real_arg("alpha", alpha_obj);
   py::array x = as_strided_input(x_in), means = as_strided_input(means_in),
             lv = as_strided_input(lv_in);
   const FloatKind fk = float_kind("logits", logits);
@@ -151,8 +153,9 @@ int64_t forward_py(py::array logits, py::array loglik, py::array x_in, py::array
 }
 
 py::tuple backward_coeffs_py(py::array grad_in, py::object grad_ll_obj, py::array logits_in,
-                             py::array lv_in, int64_t feat_dim, py::object labels, double alpha,
-                             bool include_logdet) {
+                             py::array lv_in, int64_t feat_dim, py::object labels,
+                             py::object alpha_obj, bool include_logdet) {
+  const double alpha = real_arg("alpha", alpha_obj);
   py::array grad = as_strided_input(grad_in), logits = as_strided_input(logits_in),
             lv = as_strided_input(lv_in);
   const FloatKind fk = float_kind("grad_logits", grad);
@@ -426,7 +429,8 @@ void bind_lgm(pybind11::module_& m) {
         "(grad_x, grad_means, grad_log_var) from coeff @ precision, coeff @ scaled_means, "
         "coeff.T @ (x - offset) and coeff.T @ (x - offset)**2 (isotropic: its row sums), plus "
         "the own-class terms from direct differences.");
-  m.def("validate_lgm_alpha", [](double a) { raise_if_error(validate_lgm_alpha(a)); },
+  m.def("validate_lgm_alpha",
+        [](py::object a) { raise_if_error(validate_lgm_alpha(real_arg("alpha", a))); },
         py::arg("alpha"));
   m.def("validate_lgm_lambda", [](double l) { raise_if_error(validate_lgm_lambda(l)); },
         py::arg("lambda_lkd"));

@@ -10,6 +10,7 @@
 
 #include "array_views.h"
 #include "bindings.h"
+#include "scalar_args.h"
 #include "lsoftmax/lsoftmax.h"
 #include "lsoftmax/schedules.h"
 
@@ -30,24 +31,10 @@ auto dispatch(FloatKind fk, LabelKind lk, F&& f) {
   return f(double{}, int64_t{});
 }
 
-void check_margin_arg(const py::handle& margin) {
-  if (PyBool_Check(margin.ptr()) || !PyLong_Check(margin.ptr())) {
-    throw py::type_error("margin must be an int, got " +
-                         py::str(py::type::of(margin)).cast<std::string>());
-  }
-  // An int beyond int64 would otherwise fail the cast below with a bare RuntimeError.
-  int overflow = 0;
-  PyLong_AsLongLongAndOverflow(margin.ptr(), &overflow);
-  if (overflow != 0) {
-    throw py::value_error("margin must be an integer in [1, 2^20], got " +
-                          py::str(margin).cast<std::string>());
-  }
-}
-
 py::object margin_forward_py(py::array logits, py::array x_in, py::array w_in, py::array labels_in,
-                             py::object margin_obj, double lam, bool return_stats) {
-  check_margin_arg(margin_obj);
-  const int64_t margin = margin_obj.cast<int64_t>();
+                             py::object margin_obj, py::object lam_obj, bool return_stats) {
+  const int64_t margin = margin_arg(margin_obj);
+  const double lam = real_arg("lam", lam_obj);
   const FloatKind fk = float_kind("logits", logits);
   py::array x = as_strided_input(x_in), w = as_strided_input(w_in),
             labels = as_strided_input(labels_in);
@@ -109,10 +96,10 @@ E* stats_array(const py::dict& stats, const char* key, int64_t n) {
 }
 
 void margin_backward_py(py::array grad_in, py::array x_in, py::array w_in, py::array labels_in,
-                        py::array grad_x, py::array grad_w, py::object margin_obj, double lam,
-                        py::object stats_obj) {
-  check_margin_arg(margin_obj);
-  const int64_t margin = margin_obj.cast<int64_t>();
+                        py::array grad_x, py::array grad_w, py::object margin_obj,
+                        py::object lam_obj, py::object stats_obj) {
+  const int64_t margin = margin_arg(margin_obj);
+  const double lam = real_arg("lam", lam_obj);
   py::array grad = as_strided_input(grad_in), x = as_strided_input(x_in),
             w = as_strided_input(w_in), labels = as_strided_input(labels_in);
   const FloatKind fk = float_kind("grad_logits", grad);
@@ -163,10 +150,16 @@ PYBIND11_MODULE(_core, m) {
         "margin_forward_(..., return_stats=True) returned for the same inputs, saves "
         "recomputing the norms and cosines.");
 
-  m.def("validate_margin_params", [](py::object margin, double lam) {
-    check_margin_arg(margin);
-    raise_if_error(validate_margin_params(margin.cast<int64_t>(), lam));
+  m.def("validate_margin_params", [](py::object margin, py::object lam) {
+    raise_if_error(validate_margin_params(margin_arg(margin), real_arg("lam", lam)));
   }, py::arg("margin"), py::arg("lam"));
+
+  m.attr("max_margin") = py::int_(kMaxMargin);
+  m.def("check_margin", [](py::object margin) {
+    const int64_t v = margin_arg(margin);
+    raise_if_error(validate_margin_params(v, 0.0));
+    return v;
+  }, py::arg("margin"), "margin as an int after the core's checks (type, range [1, 2^20]).");
 
   m.def("exponential_lambda", [](double base, double gamma, double power, double lambda_min,
                                  int64_t iteration, int64_t it) {

@@ -4,6 +4,7 @@
 #include "lsoftmax/lgm.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -112,16 +113,17 @@ ClassTerms class_terms(const MatrixView<const T>& means, const MatrixView<const 
 template <typename T>
 int64_t predicted_class(const MatrixView<const T>& logits, int64_t i, const std::vector<double>& h,
                         bool include_logdet, double* best_value) {
-  int64_t best = 0;
+  long long best = LLONG_MAX;
   double best_v = -INFINITY;
   for (int64_t k = 0; k < logits.cols; ++k) {
     const double v = lgm_prediction_score(static_cast<double>(logits(i, k)),
                                           h[static_cast<size_t>(k)], include_logdet);
-    if (v > best_v) {
+    if (lgm_prediction_better(v, k, best_v, best)) {
       best_v = v;
       best = k;
     }
   }
+  if (best == LLONG_MAX) best = 0;  // no columns: callers reject C = 0 before this
   if (best_value) *best_value = best_v;
   return best;
 }
@@ -259,6 +261,12 @@ Status lgm_backward_coeffs(MatrixView<const T> grad_logits, const T* grad_loglik
                            T* own, int64_t* cls) {
   Status s = validate_lgm_alpha(alpha);
   const int64_t N = grad_logits.rows, C = grad_logits.cols;
+  // Every row has an own class c_i in [0, C): with no classes there is none to split off.
+  if (s.ok() && (C < 1 || feat_dim < 1)) {
+    s = Status::InvalidArgument("grad_logits must have >= 1 class and feat_dim must be >= 1, got " +
+                                std::to_string(C) + " classes and feat_dim " +
+                                std::to_string(feat_dim));
+  }
   if (s.ok() && (log_var.rows != C || (log_var.cols != feat_dim && log_var.cols != 1))) {
     s = Status::InvalidArgument("log_var has shape " + shape_str(log_var.rows, log_var.cols) +
                                 " but grad_logits has " + std::to_string(C) +

@@ -180,7 +180,7 @@ std::vector<T> target_class_norms(const MatrixView<const T>& w, int64_t rows) {
 }  // namespace
 
 Status validate_margin_params(int64_t margin, double lambda) {
-  if (margin < 1 || margin > (1 << 20)) {
+  if (margin < 1 || margin > kMaxMargin) {
     return Status::InvalidArgument("margin must be an integer in [1, 2^20], got " +
                                    std::to_string(margin));
   }
@@ -236,6 +236,17 @@ Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
   const std::vector<double> thresholds = segment_thresholds(m);
   const bool reuse = forward_stats.norm_x && forward_stats.norm_w && forward_stats.cos_theta &&
                      forward_stats.segment;
+  // Segments handed back by the caller index the math: only -1 (degenerate) and [0, m) are
+  // ones the forward can have written.
+  for (int64_t i = 0; reuse && i < n; ++i) {
+    const int k = forward_stats.segment[i];
+    if (k < -1 || k >= m) {
+      return Status::InvalidArgument("stats segment[" + std::to_string(i) + "] = " +
+                                     std::to_string(k) + " is outside [-1, " +
+                                     std::to_string(m) + "): pass the stats the forward "
+                                     "returned for the same inputs and margin");
+    }
+  }
 
   std::vector<RowGrad<T>> rows(static_cast<size_t>(n));
   detail::parallel_for(n, (reuse ? 2 : 5) * d + 8 * m, [&](int64_t i) {

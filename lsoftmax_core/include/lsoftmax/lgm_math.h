@@ -24,15 +24,17 @@ LSOFTMAX_HD double lgm_direct_term(double x, double mu, double p) {
 // exceeds kLgmDirectRatio times the value (or the value is NaN), so the caller must recompute
 // the entry from direct differences.
 LSOFTMAX_HD double lgm_expansion_d2(double a, double b, double ck, bool* needs_direct) {
-  a = a > 0.0 ? a : 0.0;  // A is a sum of squares; a GEMM can round it below zero
+  // A is a sum of squares; a GEMM can round it below zero. Written so that NaN stays NaN.
+  a = a < 0.0 ? 0.0 : a;
   const double d2 = a - 2.0 * b + ck;
   const double root = std::sqrt(a) + std::sqrt(ck);
   *needs_direct = !(d2 * kLgmDirectRatio >= root * root);
   return d2;
 }
 
-// d = 1/2 max(2 d, 0): rounding can leave a direct or expanded 2 d slightly negative.
-LSOFTMAX_HD double lgm_half_distance(double d2) { return 0.5 * (d2 > 0.0 ? d2 : 0.0); }
+// d = 1/2 max(2 d, 0): rounding can leave a direct or expanded 2 d slightly negative. A NaN
+// (a NaN feature or parameter) stays NaN: it must never read as distance 0, the best score.
+LSOFTMAX_HD double lgm_half_distance(double d2) { return 0.5 * (d2 < 0.0 ? 0.0 : d2); }
 
 // z_ik = -(1 + alpha [k = y_i]) d_ik - [include_logdet] h_k.
 LSOFTMAX_HD double lgm_logit(double d, bool is_target, double alpha, bool include_logdet,
@@ -48,9 +50,12 @@ LSOFTMAX_HD double lgm_prediction_score(double stored_logit, double h, bool incl
 }
 
 // Whether score v (class k) beats the best so far (class best_k): strictly greater, or equal
-// with a smaller index, so any reduction order picks the first maximum, as a serial scan with
-// `v > best` does. NaN never wins.
+// with a smaller index, so any reduction order picks the first maximum. A NaN score beats every
+// number (the first NaN wins among NaNs), so a row with a NaN distance reports a NaN
+// log-likelihood instead of the best of its finite scores: NaN propagates, as in L-Softmax.
 LSOFTMAX_HD bool lgm_prediction_better(double v, long long k, double best_v, long long best_k) {
+  const bool v_nan = v != v, best_nan = best_v != best_v;
+  if (v_nan || best_nan) return v_nan && (!best_nan || k < best_k);
   return v > best_v || (v == best_v && k < best_k);
 }
 

@@ -13,7 +13,11 @@
 
 namespace lsoftmax {
 
-// Checks margin >= 1 and lambda >= 0 (not NaN); the message names the argument.
+// The largest margin accepted: the per-row work is O(m) and the segment search keeps m - 1
+// thresholds, so an unbounded m would be an unbounded allocation.
+constexpr int64_t kMaxMargin = int64_t{1} << 20;
+
+// Checks margin in [1, kMaxMargin] and lambda >= 0 (not NaN); the message names the argument.
 Status validate_margin_params(int64_t margin, double lambda);
 
 // Optional per-row outputs of the forward (any pointer may be null): the norms, the clamped

@@ -86,7 +86,7 @@ LSOFTMAX_HD PsiTerms<T> psi_terms(int m, T c, int k) {
   T tm, um1;
   chebyshev_tu(m, c, &tm, &um1);
   const T sign = (k % 2 == 0) ? T(1) : T(-1);
-  out.psi = sign * tm - T(2 * k);
+  out.psi = sign * tm - T(2) * T(k);  // in T: 2 k cannot overflow int for any segment
   out.dpsi = sign * T(m) * um1;
   return out;
 }
