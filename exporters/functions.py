@@ -19,6 +19,7 @@ import onnx
 from lsoftmax.exporters.domain import DOMAIN, DOMAIN_VERSION
 from lsoftmax.exporters.lgm import (
     LGM_DEFAULT_ALPHA,
+    LGM_DEFAULT_ALPHA_LO,
     LGM_DEFAULT_INCLUDE_LOGDET,
     LGM_INPUTS,
     LGM_OUTPUTS,
@@ -39,7 +40,11 @@ _SIGNATURES: dict[str, tuple[list[str], list[str], dict[str, float]]] = {
     "LGMLogits": (
         LGM_INPUTS,
         [],
-        {"alpha": LGM_DEFAULT_ALPHA, "include_logdet": LGM_DEFAULT_INCLUDE_LOGDET},
+        {
+            "alpha": LGM_DEFAULT_ALPHA,
+            "alpha_lo": LGM_DEFAULT_ALPHA_LO,
+            "include_logdet": LGM_DEFAULT_INCLUDE_LOGDET,
+        },
     ),
 }
 # Ops with several outputs (their builders take the list of output names); others output "Y".

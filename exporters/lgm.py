@@ -1,7 +1,9 @@
 """ONNX export of the L-GM op: ``lsoftmax::lgm_logits`` -> ``ai.lsoftmax::LGMLogits``.
 
 ``LGMLogits(X[N,D], means[C,D], log_var[C,D] or [C,1], labels[N]?) -> (logits[N,C], loglik[N])``
-with attributes ``alpha`` (float, default 0) and ``include_logdet`` (int, default 1); isotropic
+with attributes ``alpha`` (float, default 0), ``alpha_lo`` (float, default 0; the margin is
+``alpha + alpha_lo``: ONNX attributes are float32, so a float64 alpha is written as its float32
+part and the float32 rounding of the rest) and ``include_logdet`` (int, default 1); isotropic
 variances are read from the shape of ``log_var``. The kernel is ``ort_ops/lgm_logits_op.cc``;
 ``build_lgm_logits`` is the standard-op form (portable export and model-local function body).
 The tables in ``translations``, ``portable`` and ``functions`` list these entries.
@@ -9,9 +11,11 @@ The tables in ``translations``, ``portable`` and ``functions`` list these entrie
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 from lsoftmax.exporters.domain import DOMAIN, DOMAIN_VERSION, opset
 from onnx.defs import OpSchema
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LGM_DEFAULT_ALPHA",
+    "LGM_DEFAULT_ALPHA_LO",
     "LGM_DEFAULT_INCLUDE_LOGDET",
     "LGM_INPUTS",
     "LGM_OUTPUTS",
@@ -32,6 +37,7 @@ __all__ = [
 
 # Defaults shared by the kernel (ort_ops/lgm_logits_op.h) and the function body.
 LGM_DEFAULT_ALPHA = 0.0
+LGM_DEFAULT_ALPHA_LO = 0.0
 LGM_DEFAULT_INCLUDE_LOGDET = 1
 LGM_INPUTS = ["X", "means", "log_var", "labels"]
 LGM_OUTPUTS = ["logits", "loglik"]
@@ -71,6 +77,11 @@ def lgm_logits_schema() -> OpSchema:
                 "margin alpha >= 0 on the label's logit",
             ),
             OpSchema.Attribute(
+                "alpha_lo",
+                onnx.helper.make_attribute("alpha_lo", LGM_DEFAULT_ALPHA_LO),
+                "low part of the margin: the op uses alpha + alpha_lo (float64 alphas)",
+            ),
+            OpSchema.Attribute(
                 "include_logdet",
                 onnx.helper.make_attribute("include_logdet", LGM_DEFAULT_INCLUDE_LOGDET),
                 "1: the logits carry -1/2 log|V_k|; 0: they do not",
@@ -88,10 +99,22 @@ def lgm_logits(
     include_logdet: bool = True,
 ) -> Any:
     """``torch.ops.lsoftmax.lgm_logits`` -> ``ai.lsoftmax::LGMLogits``."""
-    attrs = {"alpha": float(alpha), "include_logdet": int(bool(include_logdet))}
+    hi, lo = split_alpha(float(alpha))
+    attrs: dict[str, float | int] = {"alpha": hi, "include_logdet": int(bool(include_logdet))}
+    if lo != 0.0:
+        attrs["alpha_lo"] = lo
     if labels is None:
         return opset.LGMLogits(x, means, log_var, **attrs)
     return opset.LGMLogits(x, means, log_var, labels, **attrs)
+
+
+def split_alpha(alpha: float) -> tuple[float, float]:
+    """``(hi, lo)``, both float32 values, with ``hi + lo`` equal to ``alpha`` to ~48 bits (the
+    rounding error of a float32 alpha is ~1e-8 relative, visible in float64 logits)."""
+    hi = float(np.float32(alpha))
+    if not math.isfinite(hi):
+        return hi, 0.0
+    return hi, float(np.float32(alpha - hi))
 
 
 # Why each L-GM training-only op cannot be exported, by op name (translations.py raises it).
@@ -142,10 +165,13 @@ def build_lgm_logits(
     assert x is not None and means is not None and log_var is not None
     logits_out, loglik_out = outputs
     alpha = attrs.get("alpha", LGM_DEFAULT_ALPHA)
+    alpha_lo = attrs.get("alpha_lo", LGM_DEFAULT_ALPHA_LO)
     from lsoftmax.exporters.portable import AttrRef
 
-    if not isinstance(alpha, AttrRef) and not float(alpha) >= 0:  # type: ignore[arg-type]
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if not isinstance(alpha, AttrRef) and not isinstance(alpha_lo, AttrRef):
+        total = float(alpha) + float(alpha_lo)  # type: ignore[arg-type]
+        if not total >= 0 or not math.isfinite(float(alpha_lo)):  # type: ignore[arg-type]
+            raise ValueError(f"alpha must be >= 0, got {total}")
     axis0, axis1 = b.int64([0]), b.int64([1])
     half, two = b.like(0.5, x), b.like(2.0, x)
     offset = b.op("ReduceMean", means, axis0, keepdims=1)  # [1, D]
@@ -185,7 +211,11 @@ def build_lgm_logits(
         else b.op(
             "Add",
             b.like(1.0, x),
-            b.scalar(alpha, x),  # type: ignore[arg-type]
+            b.op(
+                "Add",
+                b.scalar(alpha, x),  # type: ignore[arg-type]
+                b.scalar(alpha_lo, x),  # type: ignore[arg-type]
+            ),
         )
     )
     z_c = b.op("Neg", b.op("Add", b.op("Mul", scale, d_c), b.op("Mul", s, h_c)))

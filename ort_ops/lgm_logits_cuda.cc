@@ -8,9 +8,10 @@
 //   lgm_forward -> logits and loglik in place
 //
 // Labels are a CPU input (OrtMemTypeCPUInput): checked on the host with the CPU kernel's message,
-// then uploaded. Scratch space is one block from ORT's device allocator; nothing synchronizes.
-// A non-finite log_var (which the CPU kernel rejects) cannot be reported without a sync here:
-// it makes the affected outputs NaN instead.
+// then uploaded. Scratch space is one block from ORT's device allocator. A non-finite log_var,
+// which the CPU kernel rejects, is flagged on the device by lgm_prepare; the flag is read back
+// after the launches (one stream sync per run) so that the CUDA EP raises the same error
+// instead of returning NaN outputs.
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -96,8 +97,9 @@ OrtStatus* LGMLogitsCudaKernel<T>::ComputeV2(OrtKernelContext* context) {
     const size_t t = sizeof(T);
     auto carve = [&](ScratchLayout& l) {
       struct {
-        void *offset, *precision, *scaled, *terms, *xc, *xc_sq, *sq, *labels;
+        void *flag, *offset, *precision, *scaled, *terms, *xc, *xc_sq, *sq, *labels;
       } p{};
+      p.flag = l.take(sizeof(int32_t));
       p.offset = l.take(static_cast<size_t>(d) * t);
       p.precision = l.take(static_cast<size_t>(c * dv) * t);
       p.scaled = l.take(static_cast<size_t>(c * d) * t);
@@ -124,8 +126,9 @@ OrtStatus* LGMLogitsCudaKernel<T>::ComputeV2(OrtKernelContext* context) {
     auto* terms = static_cast<double*>(buf.terms);
     const bool dbl = std::is_same_v<T, double>;
 
-    lsoftmax::Status s =
-        lc::lgm_prepare(mm, lm, buf.offset, precision, scaled, terms, nullptr, stream);
+    auto* flag = static_cast<int32_t*>(buf.flag);
+    lsoftmax::Status s = lc::memset_async(stream, flag, 0, sizeof(int32_t));
+    if (s.ok()) s = lc::lgm_prepare(mm, lm, buf.offset, precision, scaled, terms, flag, stream);
     if (s.ok()) s = lc::lgm_center(xm, buf.offset, xc, xc_sq, stream);
     if (s.ok()) s = gemm_xwt(handle, stream, dbl, buf.xc, buf.scaled, zp, n, d, c);
     if (s.ok() && diag) s = gemm_xwt(handle, stream, dbl, buf.xc_sq, buf.precision, buf.sq, n, d, c);
@@ -140,6 +143,11 @@ OrtStatus* LGMLogitsCudaKernel<T>::ComputeV2(OrtKernelContext* context) {
       s = lc::lgm_forward(xm, mm, lm, buf.offset, terms, sq, label_view,
                           device_matrix<T>(zp, n, c), loglik.GetTensorMutableData<T>(), alpha_,
                           include_logdet_, nullptr, nullptr, stream);
+    }
+    int32_t flag_value = 0;
+    if (s.ok()) s = lc::copy_to_host_sync(stream, &flag_value, flag, sizeof(int32_t));
+    if (s.ok() && (flag_value & lc::kLgmBadLogVar)) {
+      return invalid_argument(kLGMLogits, "log_var has a non-finite entry");
     }
     return to_ort_status(kLGMLogits, s);
   });

@@ -1,6 +1,7 @@
 // CPU kernel of ai.lsoftmax::LGMLogits (see lgm_logits_op.h and lsoftmax_core's lgm.h).
 #include "lgm_logits_op.h"
 
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -115,20 +116,27 @@ OrtStatus* ReadLGMLogitsAttributes(const OrtKernelInfo* info, double* alpha_out,
                                    bool* include_logdet_out) {
   float alpha = kLGMLogitsDefaultAlpha;
   if (OrtStatus* bad = read_float_attribute(info, kLGMLogits, "alpha", &alpha)) return bad;
+  float alpha_lo = 0.0f;
+  if (OrtStatus* bad = read_float_attribute(info, kLGMLogits, "alpha_lo", &alpha_lo)) return bad;
   int64_t include_logdet = kLGMLogitsDefaultIncludeLogdet;
-  if (!try_attribute(info, "include_logdet", &include_logdet)) {
-    float as_float = 0.0f;
-    if (try_attribute(info, "include_logdet", &as_float)) {
-      return invalid_argument(kLGMLogits, "attribute 'include_logdet' must be an int (0 or 1)");
-    }
+  if (OrtStatus* bad =
+          read_int_attribute(info, kLGMLogits, "include_logdet", &include_logdet)) {
+    return bad;
   }
   if (include_logdet != 0 && include_logdet != 1) {
     return invalid_argument(kLGMLogits, "attribute 'include_logdet' must be 0 or 1, got " +
                                             std::to_string(include_logdet));
   }
-  const lsoftmax::Status s = lsoftmax::validate_lgm_alpha(alpha);
+  // alpha + alpha_lo in double: a float64 alpha split in two float32 attributes (ONNX has no
+  // float64 attribute) keeps ~48 bits.
+  const double full = static_cast<double>(alpha) + static_cast<double>(alpha_lo);
+  if (!std::isfinite(alpha_lo)) {
+    return invalid_argument(kLGMLogits, "attribute alpha_lo must be finite, got " +
+                                            std::to_string(alpha_lo));
+  }
+  const lsoftmax::Status s = lsoftmax::validate_lgm_alpha(full);
   if (!s.ok()) return invalid_argument(kLGMLogits, "attribute " + s.message());
-  *alpha_out = alpha;
+  *alpha_out = full;
   *include_logdet_out = include_logdet == 1;
   return nullptr;
 }

@@ -8,8 +8,10 @@
 // the label, or the predicted class when labels are absent. Isotropic variances are read from the
 // shape of log_var ((C, 1) with D > 1).
 //
-// Attributes: alpha (float, default 0.0, >= 0), include_logdet (int, default 1, 0 or 1); the
-// model-local function the exporters attach uses the same defaults. The N x D x C products are
+// Attributes: alpha (float, default 0.0), alpha_lo (float, default 0.0: the op's margin is
+// alpha + alpha_lo in double, >= 0, so that a float64 alpha survives ONNX's float32 attributes),
+// include_logdet (int, default 1, 0 or 1); the model-local function the exporters attach uses
+// the same defaults. The N x D x C products are
 // ORT's own Gemm (created once per kernel); the assembly is lsoftmax::lgm_forward from the core.
 #pragma once
 

@@ -58,8 +58,18 @@ OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
     const ONNXTensorElementDataType label_type = in.label_type;
 
     Ort::UnownedValue y = ctx.GetOutput(0, {n, c});
-    if (n == 0 || c == 0) return nullptr;
+    if (n == 0 || (c == 0 && !labels)) return nullptr;
     T* out = y.GetTensorMutableData<T>();
+    if (c == 0) {  // no class a label could name: the core reports the first label
+      return labels.GetTensorTypeAndShapeInfo().GetElementType() ==
+                     ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                 ? apply_margin<T, int64_t>(x.GetTensorData<T>(), w.GetTensorData<T>(),
+                                            labels.GetTensorData<int64_t>(), out, n, d, c,
+                                            margin_, lambda_)
+                 : apply_margin<T, int32_t>(x.GetTensorData<T>(), w.GetTensorData<T>(),
+                                            labels.GetTensorData<int32_t>(), out, n, d, c,
+                                            margin_, lambda_);
+    }
     if (d == 0) {
       std::fill(out, out + n * c, T(0));
     } else {
@@ -110,9 +120,12 @@ OrtStatus* ReadLSoftmaxLinearInputs(Ort::KernelContext& ctx, LSoftmaxLinearInput
 OrtStatus* ReadLSoftmaxLinearAttributes(const OrtKernelInfo* info, int64_t* margin_out,
                                         double* lambda_out) {
   int64_t margin = 0;
-  if (!try_attribute(info, "margin", &margin)) {
-    return invalid_argument(kLSoftmaxLinear,
-                            "attribute 'margin' (an int >= 1) is required and must be an int");
+  bool has_margin = false;
+  if (OrtStatus* bad = read_int_attribute(info, kLSoftmaxLinear, "margin", &margin, &has_margin)) {
+    return bad;
+  }
+  if (!has_margin) {
+    return invalid_argument(kLSoftmaxLinear, "attribute 'margin' (an int >= 1) is required");
   }
   float lambda = kLSoftmaxLinearDefaultLambda;
   if (OrtStatus* bad = read_float_attribute(info, kLSoftmaxLinear, "lambda", &lambda)) return bad;

@@ -41,15 +41,71 @@ std::string shape_string(const std::vector<int64_t>& shape) {
   return s + ")";
 }
 
+std::string attribute_type(const OrtKernelInfo* info, const char* name) {
+  const OrtApi& api = Ort::GetApi();
+  auto ok = [&](OrtStatus* st) {
+    if (st == nullptr) return true;
+    api.ReleaseStatus(st);
+    return false;
+  };
+  float f = 0.0f;
+  int64_t i = 0;
+  size_t size = 0;
+  if (ok(api.KernelInfoGetAttribute_float(info, name, &f))) return "float";
+  if (ok(api.KernelInfoGetAttribute_int64(info, name, &i))) return "int";
+  if (ok(api.KernelInfoGetAttribute_string(info, name, nullptr, &size))) return "string";
+  OrtAllocator* alloc = nullptr;
+  if (ok(api.GetAllocatorWithDefaultOptions(&alloc))) {
+    OrtValue* tensor = nullptr;
+    if (ok(api.KernelInfoGetAttribute_tensor(info, name, alloc, &tensor))) {
+      api.ReleaseValue(tensor);
+      return "tensor";
+    }
+  }
+  // A size query (null buffer) does not check the element type (a list of the other type can
+  // answer with size 0): fetch the values to tell.
+  bool is_list = false;
+  if (ok(api.KernelInfoGetAttributeArray_float(info, name, nullptr, &size))) {
+    is_list = true;
+    std::vector<float> values(size);
+    if (size > 0 && ok(api.KernelInfoGetAttributeArray_float(info, name, values.data(), &size))) {
+      return "list of floats";
+    }
+  }
+  if (ok(api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &size))) {
+    is_list = true;
+    std::vector<int64_t> values(size);
+    if (size > 0 && ok(api.KernelInfoGetAttributeArray_int64(info, name, values.data(), &size))) {
+      return "list of ints";
+    }
+  }
+  if (is_list) return "list";
+  return "";
+}
+
+namespace {
+
+OrtStatus* wrong_type(const char* op, const char* name, const char* want, const std::string& got) {
+  return invalid_argument(op, std::string("attribute '") + name + "' must be " + want +
+                                  ", got " + (got == "int" ? "an int" : "a " + got));
+}
+
+}  // namespace
+
 OrtStatus* read_float_attribute(const OrtKernelInfo* info, const char* op, const char* name,
                                 float* value) {
   if (try_attribute(info, name, value)) return nullptr;
-  int64_t as_int = 0;
-  if (try_attribute(info, name, &as_int)) {
-    return invalid_argument(op,
-                            std::string("attribute '") + name + "' must be a float, got an int");
-  }
-  return nullptr;
+  const std::string type = attribute_type(info, name);
+  return type.empty() ? nullptr : wrong_type(op, name, "a float", type);
+}
+
+OrtStatus* read_int_attribute(const OrtKernelInfo* info, const char* op, const char* name,
+                              int64_t* value, bool* present) {
+  const bool found = try_attribute(info, name, value);
+  if (present) *present = found;
+  if (found) return nullptr;
+  const std::string type = attribute_type(info, name);
+  return type.empty() ? nullptr : wrong_type(op, name, "an int", type);
 }
 
 OrtStatus* check_2d(const char* op, const char* input, const char* dims,

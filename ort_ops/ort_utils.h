@@ -65,10 +65,19 @@ inline bool try_attribute(const OrtKernelInfo* info, const char* name, float* va
   return false;
 }
 
+// The type an attribute has on the node ("" when the node lacks it), found by asking ORT for
+// each type in turn: the kernels' attributes have one type each, and any other one is a model
+// error to report at session creation, never a silent default.
+std::string attribute_type(const OrtKernelInfo* info, const char* name);
+
 // Reads an optional float attribute into *value, which keeps its default when the node lacks it;
-// an int-typed one is a model error, not a default.
+// one of any other type (int, string, list, tensor) is an error naming the attribute.
 OrtStatus* read_float_attribute(const OrtKernelInfo* info, const char* op, const char* name,
                                 float* value);
+
+// The same for an int attribute; *present says whether the node carries it (may be null).
+OrtStatus* read_int_attribute(const OrtKernelInfo* info, const char* op, const char* name,
+                              int64_t* value, bool* present = nullptr);
 
 template <typename T>
 constexpr ONNXTensorElementDataType onnx_type() {

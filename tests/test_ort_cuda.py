@@ -99,3 +99,23 @@ def test_cuda_ep_bad_labels_are_an_error(exported: Any) -> None:
     # The session is still usable after the error.
     got = sess.run(None, feeds(sess, x, t))[0]
     assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_cuda_ep_lgm_non_finite_log_var_is_an_error(bad: float) -> None:
+    """As on the CPU EP: the device flag is read back and the run raises, instead of NaN
+    outputs (docs/reliability.md)."""
+    from onnx_models import lgm_node_model
+
+    sess = ep_session(lgm_node_model(onnx.TensorProto.FLOAT, alpha=0.5), "cuda")
+    feeds_ok = {
+        "X": np.ones((3, 3), np.float32),
+        "means": np.zeros((2, 3), np.float32),
+        "log_var": np.zeros((2, 3), np.float32),
+        "labels": np.array([0, 1, 0], np.int64),
+    }
+    bad_feeds = dict(feeds_ok, log_var=feeds_ok["log_var"].copy())
+    bad_feeds["log_var"][1, 2] = bad
+    with pytest.raises(Exception, match="LGMLogits: log_var has a non-finite entry"):
+        sess.run(None, bad_feeds)
+    assert all(np.isfinite(o).all() for o in sess.run(None, feeds_ok))  # still usable
