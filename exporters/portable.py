@@ -19,6 +19,8 @@ import onnx
 from lsoftmax.exporters.lgm import build_lgm_logits
 from onnx import helper, numpy_helper
 
+from lsoftmax import _core
+
 __all__ = ["BUILDERS", "AttrRef", "NodeBuilder", "build_lsoftmax_linear"]
 
 # Norms below sqrt(FLT_MIN) make a row degenerate (no margin), as in the core's float path.
@@ -94,8 +96,7 @@ def build_lsoftmax_linear(
     margin = int(attrs["margin"])  # type: ignore[call-overload]
     lam = attrs.get("lambda", 0.0)
     assert isinstance(lam, (float, int, AttrRef))
-    if margin < 1:
-        raise ValueError(f"margin must be >= 1, got {margin}")
+    _core.validate_margin_params(margin, 0.0)  # the core's range, [1, 2^20]
     if not isinstance(lam, AttrRef) and (math.isnan(lam) or lam < 0):
         raise ValueError(f"lambda must be >= 0 (and not NaN), got {lam}")
     plain = labels is None or margin == 1
@@ -113,28 +114,62 @@ def build_lsoftmax_linear(
     # in float64 (~1e-7 relative).
     norm_x = b.op("Sqrt", b.op("ReduceSumSquare", x, axes, keepdims=1))
     norm_w = b.op("Sqrt", b.op("ReduceSumSquare", w_t, axes, keepdims=1))
-    one, two = b.like(1.0, x), b.like(2.0, x)
+    one = b.like(1.0, x)
     tiny = b.like(_DEGENERATE_NORM, x)
     degenerate = b.op("Or", b.op("Less", norm_x, tiny), b.op("Less", norm_w, tiny))
     prod = b.op("Mul", norm_x, norm_w)
     safe_prod = b.op("Where", degenerate, one, prod)
     cos = b.op("Clip", b.op("Div", f, safe_prod), b.like(-1.0, x), one)
-    # Segment k: how many of the decreasing thresholds cos(j pi/m), j = 1..m-1, lie above c.
-    thresholds = b.like([math.cos(math.pi * j / margin) for j in range(1, margin)], x)
-    below = b.op("CastLike", b.op("Less", cos, thresholds), x)  # [N, m-1]
-    k = b.op("ReduceSum", below, axes, keepdims=1)
-    # T_m(c) by the three-term recurrence, unrolled for this m.
-    t_prev, t_cur = one, cos
-    two_c = b.op("Mul", two, cos)
-    for _ in range(1, margin):
-        t_prev, t_cur = t_cur, b.op("Sub", b.op("Mul", two_c, t_cur), t_prev)
-    sign = b.op("Sub", one, b.op("Mul", two, b.op("Mod", k, two, fmod=1)))
-    psi = b.op("Sub", b.op("Mul", sign, t_cur), b.op("Mul", two, k))
+    # The margin math in float64 whatever the model's type, with O(log m) nodes for any margin
+    # (an unrolled recurrence or a table of m - 1 thresholds would grow with m: ~2M nodes at
+    # m = 2^20).
+    psi = b.op("CastLike", _psi_float64(b, b.op("Cast", cos, to=_DOUBLE), margin), x)
     lam_t = b.scalar(lam, x)
     blended = b.op("Add", b.op("Mul", lam_t, f), b.op("Mul", prod, psi))
     g = b.op("Div", blended, b.op("Add", one, lam_t))
     g = b.op("Where", degenerate, f, g)
     b.op("ScatterElements", logits, idx, g, output=output, axis=1)
+
+
+_DOUBLE = onnx.TensorProto.DOUBLE
+
+
+def _psi_float64(b: NodeBuilder, c: str, margin: int) -> str:
+    """``psi(c) = (-1)^k T_m(c) - 2k`` for a float64 tensor ``c`` of cosines, in float64.
+
+    Segment k (theta in [k pi/m, (k+1) pi/m]) is the number of thresholds ``cos(j pi/m)``,
+    j = 1..m-1, above c; they decrease in j, so a binary search over the bits of j finds it
+    with one ``Cos`` per bit, comparing exactly as the core does (``c < cos(pi * j / m)`` in
+    double). ``T_m`` comes from the doubling ladder on the pair ``(T_n, T_{n+1})``:
+    ``T_2n = 2 T_n^2 - 1`` and ``T_2n+1 = 2 T_n T_n+1 - c``, one step per bit of m.
+    """
+
+    def const(v: float) -> str:
+        return b.op("Constant", value=numpy_helper.from_array(np.asarray(v, dtype=np.float64)))
+
+    one, two = const(1.0), const(2.0)
+    k = b.op("Mul", c, const(0.0))  # zeros shaped like c
+    pi, m_t = const(math.pi), const(float(margin))
+    if margin > 1:
+        top = 1 << ((margin - 1).bit_length() - 1)  # the highest power of two <= m - 1
+        step = top
+        while step >= 1:
+            cand = b.op("Add", k, const(float(step)))
+            in_range = b.op("LessOrEqual", cand, const(float(margin - 1)))
+            threshold = b.op("Cos", b.op("Div", b.op("Mul", pi, cand), m_t))
+            take = b.op("And", in_range, b.op("Less", c, threshold))
+            k = b.op("Where", take, cand, k)
+            step //= 2
+    # The ladder starts at n = 0 and reads m's bits from the top: it ends at n = m.
+    t_n, t_n1 = one, c  # (T_0, T_1)
+    for bit in bin(margin)[2:]:
+        cross = b.op("Sub", b.op("Mul", b.op("Mul", two, t_n), t_n1), c)
+        if bit == "0":
+            t_n, t_n1 = b.op("Sub", b.op("Mul", b.op("Mul", two, t_n), t_n), one), cross
+        else:
+            t_n, t_n1 = cross, b.op("Sub", b.op("Mul", b.op("Mul", two, t_n1), t_n1), one)
+    sign = b.op("Sub", one, b.op("Mul", two, b.op("Mod", k, two, fmod=1)))
+    return b.op("Sub", b.op("Mul", sign, t_n), b.op("Mul", two, k))
 
 
 Builder = Callable[[NodeBuilder, Sequence[str | None], str, Mapping[str, object]], None]
