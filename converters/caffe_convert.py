@@ -25,6 +25,12 @@ from lsoftmax.converters.caffe_reader import (
     read_prototxt,
 )
 from lsoftmax.converters.graph import ConvertedNet, GraphBuilder, MappingRow, param_shapes
+from lsoftmax.converters.limits import (
+    MAX_ACTIVATION_ELEMENTS,
+    MAX_MODEL_ELEMENTS,
+    MAX_TENSOR_ELEMENTS,
+    check_elements,
+)
 from lsoftmax.converters.modules import (
     BatchNorm,
     CaffeTransform,
@@ -133,6 +139,7 @@ class _Converter:
     by_name: dict[str, CaffeLayer] = field(default_factory=dict)
     by_param: dict[str, CaffeBlob] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)
+    budgeted: int = 0  # parameter elements of the layers built so far
 
     def __post_init__(self) -> None:
         if self.weights is not None:
@@ -211,6 +218,33 @@ class _Converter:
             )
         return torch.from_numpy(np.ascontiguousarray(blob.data.reshape(count), np.float32))
 
+    def budget(
+        self,
+        layer: CaffeLayer,
+        shapes: list[tuple[int, ...]],
+        blobs: list[CaffeBlob] | None = None,
+        blob_shapes: list[tuple[int, ...]] | None = None,
+    ) -> None:
+        """Before a layer's parameters of ``shapes`` are allocated: the caffemodel's blobs fit
+        them (``blob_shapes``, default ``shapes``) and the sizes are within the resource
+        policy (converters/limits.py)."""
+        where = f"{self.path}: layer {layer.name!r} ({layer.type})"
+        if blobs is not None:
+            assert self.weights is not None
+            for i, (blob, want) in enumerate(zip(blobs, blob_shapes or shapes, strict=False)):
+                if not blob.matches(want):
+                    raise ValueError(
+                        f"{self.weights.path}: layer {layer.name!r} ({layer.type}) blob {i} has "
+                        f"shape {list(blob.data.shape)}, but {self.path} implies {list(want)}"
+                    )
+        total = sum(check_elements(where, "parameter", sh, MAX_TENSOR_ELEMENTS) for sh in shapes)
+        self.budgeted += total
+        if self.budgeted > MAX_MODEL_ELEMENTS:
+            raise ValueError(
+                f"{where}: the model's parameters reach {self.budgeted} elements, more than the "
+                f"{MAX_MODEL_ELEMENTS} the converters accept (docs/reliability.md)"
+            )
+
     # ---- shapes --------------------------------------------------------------------------
 
     def bottom_shape(self, layer: CaffeLayer, i: int = 0) -> tuple[int, ...] | None:
@@ -259,12 +293,20 @@ class _Converter:
         self.builder.add(layer.name, module, bottoms, layer.tops[0], **kw)
         out_shape: tuple[int, ...] | None = None
         if all(s is not None for s in in_shapes) and kw.get("kind", "plain") == "plain":
+            for b, s in zip(bottoms, in_shapes, strict=True):
+                assert s is not None
+                check_elements(
+                    f"{self.path}: layer {layer.name!r} ({layer.type})",
+                    f"input {b!r} (one sample)",
+                    (1, *s[1:]),
+                    MAX_ACTIVATION_ELEMENTS,
+                )
             module.eval()
             try:
                 with torch.no_grad():
                     zeros = [torch.zeros((1, *s[1:])) for s in in_shapes if s is not None]
                     out_shape = tuple(module(*zeros).shape)
-            except RuntimeError as e:
+            except (RuntimeError, ValueError, IndexError) as e:
                 _fail(self.path, layer, f"does not fit its input shapes {in_shapes}: {e}")
             first = in_shapes[0]
             assert first is not None
@@ -300,6 +342,7 @@ class _Converter:
             _fail(self.path, layer, "cannot tell the input channels: give input_shape")
         if cin % group:
             _fail(self.path, layer, f"{cin} input channels are not divisible by group {group}")
+        self.budget(layer, [(cout, cin // group, kh, kw), *([(cout,)] if bias else [])], blobs)
         conv = nn.Conv2d(cin, cout, (kh, kw), (sh, sw), (ph, pw), (dh, dw), group, bias)
         if blobs is not None:
             with torch.no_grad():
@@ -350,6 +393,8 @@ class _Converter:
         if axis < 1:
             _fail(self.path, layer, f"axis {p.axis} is not supported")
         k = self.inner_size(layer, shape, axis, blobs, n)
+        weight_shape = (k, n) if transpose else (n, k)
+        self.budget(layer, [(n, k), *([(n,)] if bias else [])], blobs, [weight_shape, (n,)])
         ip = InnerProduct(k, n, bias, axis)
         if blobs is not None:
             with torch.no_grad():
@@ -369,6 +414,7 @@ class _Converter:
         shared = bool(layer.param("prelu_param").channel_shared)
         blobs = self.blobs(layer, 1)
         c = 1 if shared else self.channels(layer, blobs)
+        self.budget(layer, [(c,)])
         m = nn.PReLU(c)
         if blobs is not None:
             with torch.no_grad():
@@ -380,6 +426,7 @@ class _Converter:
         blobs = self.blobs(layer, 3)
         c = self.channels(layer, blobs)
         use_global = bool(p.use_global_stats) if p.HasField("use_global_stats") else False
+        self.budget(layer, [(c,), (c,)])
         bn = BatchNorm(c, p.eps, 1.0 - p.moving_average_fraction, False, use_global)
         if blobs is not None:
             mean_sum = self.take_count(layer, blobs[0], 0, c)
@@ -409,6 +456,7 @@ class _Converter:
             sshape = tuple(blobs[0].data.shape)
         else:
             _fail(self.path, layer, "cannot tell the scale shape: give input_shape")
+        self.budget(layer, [sshape] * (1 + bool(p.bias_term)))
         m = ChannelScale(sshape, bool(p.bias_term), axis)
         if blobs is not None:
             with torch.no_grad():
@@ -421,6 +469,7 @@ class _Converter:
         p = layer.param("bn_param")
         blobs = self.blobs(layer, 4)
         c = self.channels(layer, blobs)
+        self.budget(layer, [(c,)] * 4)
         m = InvStdBatchNorm(c, p.eps, p.momentum, p.frozen)
         if blobs is not None:
             with torch.no_grad():
@@ -431,7 +480,10 @@ class _Converter:
         self.add(layer, m, "blob 3 is 1/std: (x-b2)*b3*b0+b1")
 
     def dropout(self, layer: CaffeLayer) -> None:
-        self.add(layer, nn.Dropout(float(layer.param("dropout_param").dropout_ratio)))
+        ratio = float(layer.param("dropout_param").dropout_ratio)
+        if not 0.0 <= ratio < 1.0:  # NaN fails too
+            _fail(self.path, layer, f"dropout_ratio must be in [0, 1), got {ratio}")
+        self.add(layer, nn.Dropout(ratio))
 
     def flatten(self, layer: CaffeLayer) -> None:
         p = layer.param("flatten_param")
@@ -507,7 +559,11 @@ class _Converter:
         blobs = self.blobs(layer, 1)
         shape = self.bottom_shape(layer)
         k = self.inner_size(layer, shape, axis, blobs, n)
-        head = LSoftmaxLinear(k, n, margin, schedule)
+        self.budget(layer, [(n, k)], blobs)
+        try:
+            head = LSoftmaxLinear(k, n, margin, schedule)
+        except (ValueError, TypeError) as e:
+            _fail(self.path, train, str(e))
         if blobs is not None:
             with torch.no_grad():
                 head.weight.copy_(self.take(layer, blobs[0], 0, (n, k)))
@@ -550,6 +606,7 @@ class _Converter:
             k = int(blobs[0].data.size) // n
         else:
             _fail(self.path, layer, "cannot tell the input size: give input_shape")
+        self.budget(layer, [(n, k), (n, 1) if iso else (n, k)])
         mm = p.margin_mul
         alpha = float(mm.value)
         schedule = None
@@ -755,6 +812,16 @@ def _inputs(
     for name in ordered:
         conv.builder.define_input(name)
     conv.shapes[data] = tuple(input_shape) if input_shape is not None else seen[data]
+    shape = conv.shapes[data]
+    if shape is not None:
+        if len(shape) < 2 or any(d < 1 for d in shape):
+            raise ValueError(
+                f"{conv.path}: input {data!r} has shape {list(shape)}; expected "
+                "positive dimensions (N, C, ...)"
+            )
+        check_elements(
+            f"{conv.path}: input {data!r}", "one sample", (1, *shape[1:]), MAX_ACTIVATION_ELEMENTS
+        )
     if label is not None:
         conv.shapes[label] = None
     return data, label
@@ -807,7 +874,14 @@ def from_caffe(
             continue
         if layer.type != "Input":
             conv.check_bottoms(layer, 1)
-        handlers[layer.type](layer)
+        try:
+            handlers[layer.type](layer)
+        except (ValueError, RuntimeError, TypeError, OverflowError) as e:
+            # Our own errors already name the file; anything else (torch's) gets the layer.
+            known = (proto.path, weights.path if weights else proto.path)
+            if isinstance(e, ValueError) and str(e).startswith(known):
+                raise
+            _fail(proto.path, layer, f"{type(e).__name__}: {e}")
     for layer in layers:
         src = conv.by_name.get(layer.name)
         if src is not None and layer.name not in conv.used:

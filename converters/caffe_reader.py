@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
+from lsoftmax.converters.limits import MAX_TENSOR_ELEMENTS, check_elements
 from lsoftmax.converters.proto_schema import load_proto
 
 __all__ = [
@@ -129,13 +130,16 @@ def _blob(msg: Any, where: str, legacy: bool) -> CaffeBlob:
     else:
         shape = (msg.num, msg.channels, msg.height, msg.width)
         legacy_blob = True
-    if any(d < 0 for d in shape):
-        raise ValueError(f"{where}: negative blob dimension in shape {shape}")
+    count = check_elements(where, "blob", shape, MAX_TENSOR_ELEMENTS)
+    stored = len(msg.double_data) or len(msg.data)
+    if stored != count:
+        raise ValueError(
+            f"{where}: blob holds {stored} values but its shape {list(shape)} needs {count}"
+        )
     if len(msg.double_data):
         data = np.asarray(msg.double_data, dtype=np.float64)
     else:
         data = np.asarray(msg.data, dtype=np.float32)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if data.size != count:
         raise ValueError(
             f"{where}: blob holds {data.size} values but its shape {list(shape)} needs {count}"

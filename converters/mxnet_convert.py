@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 from lsoftmax.converters.graph import ConvertedNet, GraphBuilder, MappingRow, param_shapes
+from lsoftmax.converters.limits import MAX_ATTRIBUTE_CHARS
 from lsoftmax.converters.modules import BatchNorm, Concat, Eltwise, GlobalPool, InnerProduct
 from lsoftmax.converters.mxnet_params import read_params
 from torch import nn
@@ -67,9 +68,16 @@ class _Converter:
         if key not in node.attrs:
             return default
         raw = node.attrs[key]
+        # Before parsing: literal_eval of a huge nest of brackets exhausts memory.
+        if len(raw) > MAX_ATTRIBUTE_CHARS:
+            self.fail(
+                node,
+                f"attribute {key} is {len(raw)} characters long, more than the "
+                f"{MAX_ATTRIBUTE_CHARS} accepted",
+            )
         try:
             return kind(raw)
-        except (ValueError, SyntaxError, TypeError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             self.fail(node, f"bad attribute {key}={raw!r}")
 
     @staticmethod
