@@ -149,14 +149,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lsoftmax import _core
     from lsoftmax.cli import CLIError
 
     if args.dataset not in DATASET_CHOICES:
         raise CLIError(
             f"unknown --dataset {args.dataset!r}; expected one of {', '.join(DATASET_CHOICES)}"
         )
-    if args.margin < 1:
-        raise CLIError(f"--margin must be an integer >= 1, got {args.margin}")
+    if not 1 <= args.margin <= _core.max_margin:
+        raise CLIError(f"--margin must be an integer in [1, 2^20], got {args.margin}")
+    # Sizes are checked here, before any data is loaded (a zero width otherwise ends in an
+    # IndexError deep in the model).
+    for flag, value in (
+        ("--width", args.width),
+        ("--convs-per-stage", args.convs_per_stage),
+        ("--feat-dim", args.feat_dim),
+        ("--batch-size", args.batch_size),
+        *(("--hidden", h) for h in args.hidden or ()),
+    ):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
     if args.loss not in ("lsoftmax", "lgm"):
         raise CLIError(f"--loss must be 'lsoftmax' or 'lgm', got {args.loss!r}")
     if args.loss == "lgm":
