@@ -93,7 +93,7 @@ def test_train_lgm(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
-        (["--margin", "0"], "--margin must be an integer >= 1"),
+        (["--margin", "0"], "--margin must be an integer in [1, 2^20]"),
         (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm"], "apt-get install"),
         (["--schedule", "cosine"], "schedule must be onset, exponential, scaled or constant"),
         (["--schedule", "exponential", "--gamma", "-1"], "gamma"),
