@@ -138,27 +138,39 @@ def _psi_float64(b: NodeBuilder, c: str, margin: int) -> str:
     """``psi(c) = (-1)^k T_m(c) - 2k`` for a float64 tensor ``c`` of cosines, in float64.
 
     Segment k (theta in [k pi/m, (k+1) pi/m]) is the number of thresholds ``cos(j pi/m)``,
-    j = 1..m-1, above c; they decrease in j, so a binary search over the bits of j finds it
-    with one ``Cos`` per bit, comparing exactly as the core does (``c < cos(pi * j / m)`` in
-    double). ``T_m`` comes from the doubling ladder on the pair ``(T_n, T_{n+1})``:
-    ``T_2n = 2 T_n^2 - 1`` and ``T_2n+1 = 2 T_n T_n+1 - c``, one step per bit of m.
+    j = 1..m-1, above c; they decrease in j, so a binary search over the bits of j finds it,
+    comparing ``c < cos(pi j / m)`` in double as the core does. The threshold of a candidate
+    ``j = k + step`` comes from the angle-addition formulas on the running
+    ``(cos, sin)(pi k / m)`` and the constants ``(cos, sin)(pi step / m)`` (no ``Cos`` op:
+    onnxruntime 1.16 has none for float64). ``T_m`` comes from the doubling ladder on the pair
+    ``(T_n, T_{n+1})``: ``T_2n = 2 T_n^2 - 1`` and ``T_2n+1 = 2 T_n T_n+1 - c``, one step per
+    bit of m.
     """
 
     def const(v: float) -> str:
         return b.op("Constant", value=numpy_helper.from_array(np.asarray(v, dtype=np.float64)))
 
     one, two = const(1.0), const(2.0)
-    k = b.op("Mul", c, const(0.0))  # zeros shaped like c
-    pi, m_t = const(math.pi), const(float(margin))
+    zeros = b.op("Mul", c, const(0.0))  # shaped like c
+    k, cos_k, sin_k = zeros, b.op("Add", zeros, one), zeros  # j = 0: (cos, sin)(0) = (1, 0)
     if margin > 1:
-        top = 1 << ((margin - 1).bit_length() - 1)  # the highest power of two <= m - 1
-        step = top
+        step = 1 << ((margin - 1).bit_length() - 1)  # the highest power of two <= m - 1
         while step >= 1:
+            cos_s, sin_s = (
+                const(math.cos(math.pi * step / margin)),
+                const(math.sin(math.pi * step / margin)),
+            )
             cand = b.op("Add", k, const(float(step)))
-            in_range = b.op("LessOrEqual", cand, const(float(margin - 1)))
-            threshold = b.op("Cos", b.op("Div", b.op("Mul", pi, cand), m_t))
-            take = b.op("And", in_range, b.op("Less", c, threshold))
+            threshold = b.op("Sub", b.op("Mul", cos_k, cos_s), b.op("Mul", sin_k, sin_s))
+            take = b.op(
+                "And",
+                b.op("LessOrEqual", cand, const(float(margin - 1))),
+                b.op("Less", c, threshold),
+            )
+            sin_next = b.op("Add", b.op("Mul", sin_k, cos_s), b.op("Mul", cos_k, sin_s))
             k = b.op("Where", take, cand, k)
+            cos_k = b.op("Where", take, threshold, cos_k)
+            sin_k = b.op("Where", take, sin_next, sin_k)
             step //= 2
     # The ladder starts at n = 0 and reads m's bits from the top: it ends at n = m.
     t_n, t_n1 = one, c  # (T_0, T_1)
