@@ -64,7 +64,7 @@ def test_labels_are_checked_with_no_classes(label_type: int) -> None:
     x = np.ones((3, 6), np.float32)
     w = np.ones((0, 6), np.float32)
     y = np.zeros(3, np.int64 if label_type == TensorProto.INT64 else np.int32)
-    with pytest.raises(Exception, match=r"labels\[0\] = 0 is out of range"):
+    with pytest.raises(Exception, match="weight must have at least one class"):
         sess.run(None, {"X": x, "W": w, "labels": y})
     # Without rows there is no label to check, and the output is empty.
     out = sess.run(None, {"X": x[:0], "W": w, "labels": y[:0]})[0]
