@@ -220,6 +220,8 @@ def plot_feature_panels(
     """Several runs' 2-D features side by side, one panel each, like the paper's Figure 2."""
     if not panels:
         raise ValueError("plot_feature_panels needs at least one panel")
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
+        raise ValueError(f"max_points must be an integer >= 1, got {max_points!r}")
     plt = _pyplot()
     from matplotlib.patches import Ellipse
 

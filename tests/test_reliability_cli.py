@@ -30,3 +30,20 @@ def test_train_rejects_bad_sizes_before_loading_data(tmp_path, capsys, argv, nee
     err = capsys.readouterr().err
     assert re.search(needle, err), err
     assert not missing.exists() and not (tmp_path / "r").exists()
+
+
+def test_plot_rejects_bad_max_points_before_loading(tmp_path, capsys) -> None:
+    # The run directory does not exist: reaching the checkpoint loader would give another error.
+    code = main(["plot", "features", str(tmp_path / "no-run"), "--max-points", "-1"])
+    assert code == 2
+    assert "--max-points must be >= 1, got -1" in capsys.readouterr().err
+
+
+def test_plot_feature_panels_rejects_bad_max_points(tmp_path) -> None:
+    import numpy as np
+
+    from lsoftmax.plots import FeaturePanel, plot_feature_panels
+
+    panel = FeaturePanel(np.zeros((3, 2)), np.array([0, 1, 1]), "t")
+    with pytest.raises(ValueError, match="max_points must be an integer >= 1, got 0"):
+        plot_feature_panels([panel], tmp_path / "f.png", max_points=0)

@@ -113,8 +113,12 @@ def _feature_panel(run: str, split: str, data_dir: str | None) -> tuple[object, 
 
 
 def run_features(args: argparse.Namespace) -> int:
+    from lsoftmax.cli import CLIError
     from lsoftmax.plots import plot_feature_panels
 
+    # Checked before any checkpoint or data set is loaded.
+    if args.max_points < 1:
+        raise CLIError(f"--max-points must be >= 1, got {args.max_points}")
     made = [_feature_panel(run, args.split, args.data_dir) for run in args.run_dirs]
     given = Path(args.run_dirs[0])
     out = args.output or str((given.parent if given.is_file() else given) / "features.png")
