@@ -232,8 +232,14 @@ def test_risky_cases_do_not_crash_the_process() -> None:
         """
     )
     tests_dir = str(__import__("pathlib").Path(__file__).resolve().parent)
+    # cwd is tests/, not the checkout: `python -c` puts the cwd first on sys.path, and from the
+    # checkout root it would import the source tree instead of the installed package (CI's wheel).
     proc = subprocess.run(
-        [sys.executable, "-c", script, tests_dir], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, tests_dir],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tests_dir,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "raised 10" in proc.stdout, proc.stdout + proc.stderr[-2000:]
