@@ -700,7 +700,7 @@ def test_without_a_gpu_everything_imports_and_errors_clearly() -> None:
 
 
 def _schedule_closed(kind: str, p: list[float], it: int) -> float:
-    """The schedule formulas of DESIGN.md, written out independently in float64."""
+    """The lambda schedules of lsoftmax/schedules.py, written out independently in float64."""
     if kind == "exponential":
         base, gamma, power, lambda_min, iteration = p
         return max(lambda_min, base * (1.0 + gamma * (iteration + it + 1)) ** (-power))
