@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from lsoftmax.feature_quality import angular_stats, nearest_neighbour_accuracy, tar_at_far
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+BENCH = ROOT / "benchmarks" / "accuracy.py"
 
 
 def _unit(deg: float) -> list[float]:

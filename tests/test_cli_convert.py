@@ -3,7 +3,6 @@ example run on the fixture it names."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -11,13 +10,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import CAFFE_MODELS as CAFFE
+from conftest import ROOT, needs_caffe_fixtures
 from lsoftmax.converters import load_converted
 
 from lsoftmax.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("LSOFTMAX_FIXTURES", "/work/shared/fixtures"))
-CAFFE = FIXTURES / "caffe" / "models"
 
 DECLARED = """
 name: "declared"
@@ -82,9 +79,7 @@ def _docs_example() -> tuple[list[str], list[str]]:
     return command, lines
 
 
-@pytest.mark.skipif(
-    not CAFFE.is_dir(), reason=f"converter fixtures not found at {FIXTURES} (set LSOFTMAX_FIXTURES)"
-)
+@needs_caffe_fixtures
 def test_docs_convert_example_prints_what_the_docs_show(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

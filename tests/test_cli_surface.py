@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import tomllib
 import torch
+from conftest import ROOT
 
 import lsoftmax
 from lsoftmax.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_version_matches_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import MXNET_FIXTURES, needs_mxnet_fixtures
 from lsoftmax.converters import from_caffe, from_mxnet
 from lsoftmax.converters.caffe_reader import schema
 from lsoftmax.converters.modules import CaffeTransform
@@ -22,8 +23,6 @@ from test_converters_reference import caffe_forward, caffe_transform
 from lsoftmax import ort as lort
 from lsoftmax.checkpoint import load_model
 from lsoftmax.cli import main
-
-FIXTURES = Path("/work/shared/fixtures")
 
 
 def _net(transform: str, data_type: str = "Data", channels: int = 3) -> str:
@@ -146,16 +145,14 @@ def test_transformed_net_exports_and_runs_everywhere(tmp_path: Path) -> None:
     assert max_rel_err(got, expected) <= 1e-5
 
 
-@pytest.mark.skipif(
-    not (FIXTURES / "mxnet").is_dir(), reason=f"converter fixtures not found at {FIXTURES}"
-)
+@needs_mxnet_fixtures
 @pytest.mark.parametrize("keep_softmax", [True, False], ids=["softmax", "logits"])
 def test_mxnet_probability_output_is_named_for_what_it_is(
     keep_softmax: bool, tmp_path: Path
 ) -> None:
     net = from_mxnet(
-        FIXTURES / "mxnet" / "lsoftmax_lenet-symbol.json",
-        FIXTURES / "mxnet" / "lsoftmax_lenet-0000.params",
+        MXNET_FIXTURES / "lsoftmax_lenet-symbol.json",
+        MXNET_FIXTURES / "lsoftmax_lenet-0000.params",
         keep_softmax=keep_softmax,
     )
     name = "probabilities" if keep_softmax else "logits"

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import CAFFE_MODELS as CAFFE
+from conftest import CONVERTER_TOL as TOL
+from conftest import FIXTURES, needs_caffe_fixtures
 from google.protobuf import text_format
 from lsoftmax.converters import from_caffe, load_converted
 from lsoftmax.converters.caffe_reader import read_caffemodel, schema
@@ -24,14 +26,7 @@ from test_converters_reference import caffe_forward, max_rel
 from lsoftmax.schedules import Exponential, StepUp
 from lsoftmax.torch import LSoftmaxLinear
 
-FIXTURES = Path(os.environ.get("LSOFTMAX_FIXTURES", "/work/shared/fixtures"))
-CAFFE = FIXTURES / "caffe" / "models"
 MODELS = ["lsoftmax_mnist_tiny", "lenet_v1_legacy", "lgm_tiny_iso"]
-TOL = 1e-5
-
-needs_fixtures = pytest.mark.skipif(
-    not CAFFE.is_dir(), reason=f"converter fixtures not found at {FIXTURES} (set LSOFTMAX_FIXTURES)"
-)
 
 
 def sha(a: np.ndarray) -> str:
@@ -79,7 +74,7 @@ def converted() -> dict[str, ConvertedNet]:
     return {n: from_caffe(CAFFE / f"{n}.prototxt", CAFFE / f"{n}.caffemodel") for n in MODELS}
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 @pytest.mark.parametrize("name", MODELS)
 def test_fixture_weights_match_json_checksums(
     name: str, converted: dict[str, ConvertedNet]
@@ -111,7 +106,7 @@ def test_fixture_weights_match_json_checksums(
     assert checked > 0
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 def test_fixture_batchnorm_and_sigma_conversions(converted: dict[str, ConvertedNet]) -> None:
     info = json.loads((CAFFE / "lgm_tiny_iso.json").read_text())
     net = converted["lgm_tiny_iso"]
@@ -137,7 +132,7 @@ def test_fixture_batchnorm_and_sigma_conversions(converted: dict[str, ConvertedN
     assert head.lambda_lkd == pytest.approx(0.1)
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 def test_saved_model_reloads(tmp_path: Path, converted: dict[str, ConvertedNet]) -> None:
     from lsoftmax.converters import save_converted
 
@@ -151,7 +146,7 @@ def test_saved_model_reloads(tmp_path: Path, converted: dict[str, ConvertedNet])
     )
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 @pytest.mark.parametrize("name", MODELS)
 def test_fixture_outputs_match_numpy_forward(name: str, converted: dict[str, ConvertedNet]) -> None:
     x = fixture_input(name)
@@ -162,7 +157,7 @@ def test_fixture_outputs_match_numpy_forward(name: str, converted: dict[str, Con
     assert max_rel(out, ref[top]) <= TOL
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 def test_lsoftmax_fixture_head_takes_train_copy(converted: dict[str, ConvertedNet]) -> None:
     net = converted["lsoftmax_mnist_tiny"]
     head = module_of(net, "ip2")
@@ -462,7 +457,7 @@ def test_prototxt_without_weights_initializes(tmp_path: Path) -> None:
     assert math.isfinite(float(net(torch.randn(4, 6)).detach().sum()))
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 def test_original_prototxts_parse_and_build() -> None:
     for name, shape in [
         ("lsoftmax_mnist_train_test", (1, 1, 28, 28)),
@@ -514,7 +509,7 @@ def test_proto_parser_reports_bad_schema(tmp_path: Path) -> None:
 # ---- ONNX, CLI, saving -------------------------------------------------------------------
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 def test_fixture_exports_to_onnx_and_runs(
     tmp_path: Path, converted: dict[str, ConvertedNet]
 ) -> None:
@@ -534,7 +529,7 @@ def test_fixture_exports_to_onnx_and_runs(
     assert max_rel(got, ref["ip2"]) <= TOL
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 def test_lgm_fixture_exports_to_onnx(tmp_path: Path, converted: dict[str, ConvertedNet]) -> None:
     ort = pytest.importorskip("onnxruntime")
     from lsoftmax.exporters import export_onnx
@@ -552,7 +547,7 @@ def test_lgm_fixture_exports_to_onnx(tmp_path: Path, converted: dict[str, Conver
     assert max_rel(got, ref["classifier"]) <= TOL
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 def test_cli_convert_caffe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lsoftmax.cli import main
 
@@ -572,7 +567,7 @@ def test_cli_convert_caffe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert max_rel(net(torch.from_numpy(x)).detach().numpy(), ref["ip2"]) <= TOL
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 def test_cli_reports_errors_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lsoftmax.cli import main
 

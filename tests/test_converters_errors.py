@@ -4,7 +4,6 @@ readers."""
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 import time
@@ -14,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CAFFE_MODELS as CAFFE
+from conftest import MXNET_FIXTURES as MX
+from conftest import needs_caffe_fixtures, needs_mxnet_fixtures
 from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,14 +23,6 @@ from lsoftmax.converters import from_caffe, from_mxnet, load_converted, load_glu
 from lsoftmax.converters.caffe_reader import parse_caffemodel, read_prototxt, schema
 from lsoftmax.converters.mxnet_params import parse_params, read_params
 from test_converters_mxnet import V2, write_params
-
-FIXTURES = Path(os.environ.get("LSOFTMAX_FIXTURES", "/work/shared/fixtures"))
-CAFFE = FIXTURES / "caffe" / "models"
-MX = FIXTURES / "mxnet"
-
-needs_fixtures = pytest.mark.skipif(
-    not CAFFE.is_dir(), reason=f"converter fixtures not found at {FIXTURES} (set LSOFTMAX_FIXTURES)"
-)
 
 SMALL_NET = """
 layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
@@ -233,7 +227,7 @@ def test_params_file_errors(tmp_path: Path) -> None:
         read_params(tmp_path / "nope.params")
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_symbol_errors(tmp_path: Path) -> None:
     sym, params = MX / "lsoftmax_lenet-symbol.json", MX / "lsoftmax_lenet-0000.params"
     text = sym.read_text()
@@ -271,7 +265,7 @@ def test_symbol_errors(tmp_path: Path) -> None:
         from_mxnet(sym, tmp_path / "p.params")
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_gluon_and_saved_model_errors(tmp_path: Path) -> None:
     from torch import nn
 
@@ -338,7 +332,7 @@ def write_then(path: Path, convert: Callable[[Path], object]) -> Callable[[bytes
     return run
 
 
-@needs_fixtures
+@needs_caffe_fixtures
 def test_fuzz_caffemodel_reader(tmp_path: Path) -> None:
     seeds = [(CAFFE / "lgm_tiny_iso.caffemodel").read_bytes()]
     seeds.append(caffemodel(tmp_path / "s.caffemodel", SMALL_NET, good_blobs()).read_bytes())
@@ -354,7 +348,7 @@ def test_fuzz_caffemodel_reader(tmp_path: Path) -> None:
     assert n == 40
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_fuzz_params_reader(tmp_path: Path) -> None:
     arrays = {
         k: v for k, v in read_params(MX / "lsoftmax_lenet-0000.params").items() if v.size < 100

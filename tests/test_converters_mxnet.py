@@ -4,7 +4,6 @@ variant against a numpy forward, the Gluon L-GM loader, ONNX and the CLI."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import CONVERTER_TOL as TOL
+from conftest import MXNET_FIXTURES as MX
+from conftest import needs_mxnet_fixtures
 from lsoftmax.converters import from_mxnet, load_converted, load_gluon_lgm
 from lsoftmax.converters.mxnet_params import read_params
 from reference import lsoftmax_reference
@@ -20,14 +22,6 @@ from torch import nn
 
 from lsoftmax.schedules import Scaled
 from lsoftmax.torch import LSoftmaxLinear
-
-FIXTURES = Path(os.environ.get("LSOFTMAX_FIXTURES", "/work/shared/fixtures"))
-MX = FIXTURES / "mxnet"
-TOL = 1e-5
-
-needs_fixtures = pytest.mark.skipif(
-    not MX.is_dir(), reason=f"converter fixtures not found at {FIXTURES} (set LSOFTMAX_FIXTURES)"
-)
 
 # ---- an independent .params writer (MXNet's NDArray::Save layouts) ------------------------
 
@@ -83,7 +77,7 @@ def test_params_without_names_and_empty_arrays(tmp_path: Path) -> None:
     assert np.array_equal(got["0"], arrays["a"]) and got["1"].size == 0
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_fixture_params_shapes() -> None:
     p = read_params(MX / "lsoftmax_lenet-0000.params")
     assert p["arg:custom0_weight"].shape == (10, 2)
@@ -105,7 +99,7 @@ def lenet() -> dict[str, Any]:
     }
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_numpy_reference_reproduces_mxnet(lenet: dict[str, Any]) -> None:
     e = lenet["expected"]
     ref = mxnet_forward(lenet["sym"], lenet["params"], e["data"])
@@ -114,7 +108,7 @@ def test_numpy_reference_reproduces_mxnet(lenet: dict[str, Any]) -> None:
     assert max_rel(ref["softmaxoutput0"], e["softmax_eval"]) <= TOL
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_lenet_eval_outputs_match_mxnet(lenet: dict[str, Any]) -> None:
     e = lenet["expected"]
     x = torch.from_numpy(e["data"])
@@ -127,7 +121,7 @@ def test_lenet_eval_outputs_match_mxnet(lenet: dict[str, Any]) -> None:
     assert max_rel(logits(x).detach().numpy(), e["lsoftmax_eval"]) <= TOL
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_lenet_train_logits_match_mxnet(lenet: dict[str, Any]) -> None:
     """MXNet's port blends with lambda = beta (here 100, scale 1): the same convention as ours
     (``(beta f + |x||w| psi) / (1 + beta)``), with beta at the first training step."""
@@ -262,7 +256,7 @@ def gluon_key(name: str) -> str:
     return name.replace("3.", "4.", 1) if name.startswith("3.") else name
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_gluon_lgm_matches_mxnet() -> None:
     e = dict(np.load(MX / "lgm_lenetplus_expected.npz"))
     model = load_gluon_lgm(
@@ -279,7 +273,7 @@ def test_gluon_lgm_matches_mxnet() -> None:
     assert model.lgm.include_logdet is True
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_gluon_lgm_exports_to_onnx(tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     from lsoftmax.exporters import export_onnx
@@ -294,7 +288,7 @@ def test_gluon_lgm_exports_to_onnx(tmp_path: Path) -> None:
     assert max_rel(got, e["lgm_logits"]) <= TOL
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_gluon_lgm_head_only_and_combined_file(tmp_path: Path) -> None:
     e = dict(np.load(MX / "lgm_lenetplus_expected.npz"))
     lgm = load_gluon_lgm(MX / "lgm_head.params")
@@ -310,7 +304,7 @@ def test_gluon_lgm_head_only_and_combined_file(tmp_path: Path) -> None:
 # ---- ONNX and CLI ------------------------------------------------------------------------
 
 
-@needs_fixtures
+@needs_mxnet_fixtures
 def test_cli_convert_mxnet_and_onnx(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ort = pytest.importorskip("onnxruntime")
     from lsoftmax.cli import main

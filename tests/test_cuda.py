@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CUDA_READY, TOL, needs_gpu, needs_torch_cuda
 from helpers import FAKE_STREAM, fake_cuda_runtime
 from reference import lsoftmax_reference, max_rel_err, reference_with_grads, segment_case
 
@@ -28,24 +29,8 @@ from lsoftmax.torch import LSoftmaxLinear, _kernels, set_deterministic, set_labe
 from lsoftmax.torch._kernels import deterministic_enabled
 from lsoftmax.torch.functional import lsoftmax_logits
 
-CUDA_READY = lc.available()
-TORCH_CUDA = CUDA_READY and torch.cuda.is_available()
-GPU_REASON = "needs an NVIDIA GPU with a CUDA driver; run benchmarks/gpu_check.sh on a GPU machine"
-
 gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(not CUDA_READY, reason=GPU_REASON)
-needs_torch_cuda = pytest.mark.skipif(
-    not TORCH_CUDA, reason=GPU_REASON + " (and a CUDA build of torch)"
-)
 MARGINS = list(range(1, 9))
-TOL: dict[Any, float] = {
-    np.float32: 1e-5,
-    np.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float64: 1e-10,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
-}
 LAM = 0.5
 
 

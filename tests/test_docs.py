@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUNNABLE = {"python": "python", "sh": "sh", "bash": "sh"}
 SKIP = re.compile(r"^<!--\s*doc-test:\s*skip:\s*(.*?)\s*-->$")

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import needs_torch_cuda
 from torch import Tensor
 
 from lsoftmax.schedules import Constant
@@ -37,7 +38,6 @@ PATHS: dict[str, Path] = {
     "python_eager_fallback": lambda x, w, y, m: ops._EagerMarginLinear.apply(x, w, y, m, 0.5),
     "module": _module,
 }
-GPU_REASON = "needs an NVIDIA GPU with a CUDA driver and a CUDA build of torch"
 
 
 def _inputs(device: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,7 +61,7 @@ def _devices() -> list:
             "cuda",
             marks=[
                 pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_REASON),
+                needs_torch_cuda,
             ],
         ),
     ]

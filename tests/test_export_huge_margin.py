@@ -10,6 +10,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import TOL
 from lsoftmax.exporters import export_onnx, finalize
 from onnx.reference import ReferenceEvaluator
 from reference import lsoftmax_reference, max_rel_err
@@ -18,8 +19,6 @@ from test_ort_ops import F32, F64, NP, op_model
 from lsoftmax import core
 from lsoftmax import ort as lort
 from lsoftmax.torch.functional import lsoftmax_logits
-
-TOL = {F32: 1e-5, F64: 1e-10}
 
 
 def tol(dtype: int, margin: int) -> float:

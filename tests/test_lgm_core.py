@@ -12,13 +12,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TOL
 from reference import max_rel_err
 from torch import Tensor
 
 from lsoftmax import _core, lgm_core
 from lsoftmax.schedules import StepUp, schedule_from_dict
 
-TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 KINDS = pytest.mark.parametrize("isotropic", [False, True], ids=["diag", "iso"])
 

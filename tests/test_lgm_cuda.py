@@ -16,33 +16,19 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime
 import pytest
 import torch
+from conftest import CUDA_READY, TOL, needs_ort_cuda, needs_torch_cuda
 from helpers import FAKE_STREAM, ep_session, fake_cuda_runtime, kernel_placements
 from onnx_models import lgm_node_model
 from reference import max_rel_err
 from test_lgm_core import lgm_reference_grads, make_case
 
-import lsoftmax.cuda as lc
 from lsoftmax import _core
 from lsoftmax.torch import lgm as lgm_mod
 from lsoftmax.torch import set_label_check
 
-CUDA_READY = lc.available()
-TORCH_CUDA = CUDA_READY and torch.cuda.is_available()
-ORT_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-GPU_REASON = "needs an NVIDIA GPU with a CUDA driver; run benchmarks/gpu_check.sh on a GPU machine"
-
 gpu = pytest.mark.gpu
-needs_torch_cuda = pytest.mark.skipif(
-    not TORCH_CUDA, reason=GPU_REASON + " (and a CUDA build of torch)"
-)
-needs_ort_cuda = pytest.mark.skipif(
-    not (CUDA_READY and ORT_CUDA),
-    reason=GPU_REASON + " (and onnxruntime-gpu with the CUDAExecutionProvider)",
-)
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 KINDS = pytest.mark.parametrize("isotropic", [False, True], ids=["diag", "iso"])
 ALPHA = 0.75

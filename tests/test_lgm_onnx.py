@@ -14,6 +14,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import TOL
 from lsoftmax.exporters import TrainingOpError, export_onnx, finalize
 from onnx_models import copy_model, lgm_node_model
 from reference import max_rel_err
@@ -25,7 +26,6 @@ from lsoftmax import ort as lort
 from lsoftmax.torch import LGMClassifier, LGMLoss
 
 MODES = ("custom", "function", "portable")
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 ALPHA = 0.75  # exact in float32 (ONNX float attributes are float32)
 CASES = pytest.mark.parametrize(
     ("dtype", "isotropic"),

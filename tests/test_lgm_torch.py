@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL
 from reference import max_rel_err
 from test_lgm_core import lgm_reference, lgm_reference_grads, make_case
 from torch import Tensor
@@ -20,7 +21,6 @@ from lsoftmax.schedules import Constant, StepUp
 from lsoftmax.torch import LGMClassifier, LGMLoss
 from lsoftmax.torch.lgm import LOG_VAR_FLOOR, log_var_from_variances
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 KINDS = pytest.mark.parametrize("isotropic", [False, True], ids=["diag", "iso"])
 LABELS = pytest.mark.parametrize("with_labels", [True, False], ids=["labels", "nolabels"])

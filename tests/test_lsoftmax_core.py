@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import TOL
 from reference import (
     angle_rows,
     max_rel_err,
@@ -22,7 +23,6 @@ from reference import (
 
 from lsoftmax import core
 
-TOL = {np.float64: 1e-10, np.float32: 1e-5}
 MARGINS = range(1, 9)
 LAMBDAS = (0.0, 0.5, 1000.0)
 

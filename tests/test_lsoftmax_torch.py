@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL
 from reference import max_rel_err, reference_with_grads, segment_case
 from torch import Tensor, nn
 
@@ -24,7 +25,6 @@ from lsoftmax.schedules import Constant, Scaled
 from lsoftmax.torch import LSoftmaxLinear
 from lsoftmax.torch.functional import lsoftmax_logits
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 MARGINS = range(1, 9)
 LAMBDAS = (0.0, 0.5, 1000.0)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import TOL
 from lsoftmax.exporters import finalize
 from onnx_models import WithLabels, copy_model, export_cache, feeds, inputs, with_margin
 from reference import lsoftmax_reference, max_rel_err
@@ -31,7 +32,6 @@ CASES = pytest.mark.parametrize(
     [("mlp", torch.float32), ("mlp", torch.float64), ("cnn", torch.float32)],
     ids=["mlp-f32", "mlp-f64", "cnn-f32"],
 )
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 LAM = 0.5  # exact in float32 (ONNX float attributes are float32)
 
 

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import TOL
 from lsoftmax.exporters import export_onnx, finalize
 from onnx.reference import ReferenceEvaluator
 from onnx_models import MLP, WithLabels, copy_model, export_cache, inputs, reference_kernels
@@ -23,7 +24,6 @@ from reference import lsoftmax_reference, max_rel_err
 
 from lsoftmax import ort as lort
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 LAM = 0.5  # exact in float32 (ONNX float attributes are float32)
 MODES = ("portable", "custom", "function")
 CASES = pytest.mark.parametrize(

@@ -12,27 +12,15 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime
 import pytest
 import torch
+from conftest import TOL, needs_ort_cuda
 from helpers import ep_session, kernel_placements
 from lsoftmax.exporters import finalize
 from onnx_models import export_cache, feeds, inputs, with_margin
 from reference import lsoftmax_reference, max_rel_err
 
-import lsoftmax.cuda as lc
-
-ORT_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-READY = ORT_CUDA and lc.available()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not READY,
-        reason="needs an NVIDIA GPU with a CUDA driver and onnxruntime-gpu "
-        "(CUDAExecutionProvider); run benchmarks/gpu_check.sh on a GPU machine",
-    ),
-]
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+pytestmark = [pytest.mark.gpu, needs_ort_cuda]
 LAM = 0.5
 CASES = pytest.mark.parametrize(
     ("kind", "dtype"),

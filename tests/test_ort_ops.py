@@ -15,6 +15,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import TOL
 from onnx import TensorProto, helper
 from reference import lsoftmax_reference, max_rel_err
 
@@ -23,7 +24,6 @@ from lsoftmax import ort as lort
 
 F32, F64 = TensorProto.FLOAT, TensorProto.DOUBLE
 NP = {F32: np.float32, F64: np.float64}
-TOL = {F32: 1e-5, F64: 1e-10}
 
 
 def op_model(

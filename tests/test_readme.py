@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def test_readme_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
