@@ -25,8 +25,8 @@ from reference import max_rel_err
 from test_lgm_core import lgm_reference_grads, make_case
 
 from lsoftmax import _core
-from lsoftmax.torch import lgm as lgm_mod
 from lsoftmax.torch import set_label_check
+from lsoftmax.torch.lgm import ops as lgm_mod
 
 gpu = pytest.mark.gpu
 DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -335,7 +335,7 @@ def test_other_devices_have_no_kernel() -> None:
 
 @pytest.fixture
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple, dict]]:
-    """lgm.py's CUDA path run on CPU tensors: torch.cuda's stream/device calls and the _core
+    """lgm/ops.py's CUDA path run on CPU tensors: torch.cuda's stream/device calls and the _core
     launchers are stand-ins that record what they are given."""
     calls: list[tuple[str, tuple, dict]] = []
     fake_cuda_runtime(monkeypatch)
