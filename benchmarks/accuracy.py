@@ -16,6 +16,10 @@ quality of the test embeddings (intra-class angular spread, angle between class 
 images are scored by leave-one-out 1-NN accuracy and TAR at FAR 1e-3 (the open-set check).
 Results go to ``OUT/results.json`` (every run) and markdown tables on stdout; ``--score RUN ...``
 prints the tables for finished runs (say, one invocation per seed run side by side).
+``--diagnose RUN ...`` asks why a margin run fits worse: on training images (eval mode) it
+compares the median feature norm, class-weight norm and target angle, the margin's cut of the
+target logit (the core's margin logits at the run's final lambda) against the gap to the best
+other logit, and the training accuracy with plain and with margin logits.
 """
 
 from __future__ import annotations
@@ -172,7 +176,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train nothing: print the tables for these finished run directories of the recipe "
         "(e.g. runs of several invocations), recomputing the feature quality from checkpoints",
     )
+    p.add_argument(
+        "--diagnose",
+        nargs="+",
+        metavar="RUN",
+        default=None,
+        help="train nothing: norms, angles and the margin's cut of the target logit for these "
+        "finished runs, on the first --diag-samples training images",
+    )
+    p.add_argument("--diag-samples", type=int, default=10000)
+    p.add_argument(
+        "--cut",
+        nargs=2,
+        type=float,
+        metavar=("M", "LAMBDA"),
+        default=None,
+        help="with --diagnose: the margin and lambda whose cut is shown for softmax runs",
+    )
     args = p.parse_args(argv)
+    if args.diag_samples < 1:
+        p.error(f"--diag-samples must be a positive integer, got {args.diag_samples}")
+    if args.cut is not None and (args.cut[0] < 1 or args.cut[0] != int(args.cut[0])):
+        p.error(f"--cut M must be a positive integer, got {args.cut[0]}")
+    if args.cut is not None and not args.cut[1] >= 0:
+        p.error(f"--cut LAMBDA must be >= 0, got {args.cut[1]}")
     if args.threads < 1:
         p.error(f"--threads must be a positive integer, got {args.threads}")
     return args
@@ -294,10 +321,91 @@ def rescore(args: argparse.Namespace) -> int:
     return 0
 
 
+def margin_cut(model: Any, x: Any, y: Any, margin: int, lam: float) -> dict[str, float]:
+    """Medians over ``x`` of what the margin asks of ``model``'s target logits, and the training
+    accuracy (eval mode) with plain logits and with the margin logits at ``margin``, ``lam``."""
+    import math
+
+    import numpy as np
+
+    from lsoftmax import core
+
+    feats = _embeddings(model, x).double().numpy()
+    weight = model.head.weight.detach().double().numpy()
+    labels = y.numpy()
+    plain = feats @ weight.T
+    rows = np.arange(len(labels))
+    target = plain[rows, labels]
+    cut = target - core.forward(feats, weight, labels, margin=margin, lam=lam)[rows, labels]
+    others = plain.copy()
+    others[rows, labels] = -np.inf
+    gap = target - others.max(axis=1)
+    x_norm = np.linalg.norm(feats, axis=1)
+    w_norm = np.linalg.norm(weight, axis=1)[labels]
+    cos = np.clip(target / (x_norm * w_norm), -1.0, 1.0)
+    return {
+        "feat_norm": float(np.median(x_norm)),
+        "weight_norm": float(np.median(w_norm)),
+        "target_angle": math.degrees(float(np.median(np.arccos(cos)))),
+        "target_logit": float(np.median(target)),
+        "cut": float(np.median(cut)),
+        "gap": float(np.median(gap)),
+        "train_acc_plain": float(np.mean(gap > 0)),
+        "train_acc_margin": float(np.mean(gap - cut > 0)),
+    }
+
+
+def diagnose(args: argparse.Namespace) -> int:
+    """``--diagnose RUN ...``: the ``margin_cut`` table for finished runs of the recipe (its
+    ``held_out`` classes are left out and the others relabelled, as in training)."""
+    import torch
+
+    from lsoftmax.checkpoint import load_model
+    from lsoftmax.data import load_dataset
+
+    torch.set_num_threads(args.threads)
+    held = list(recipe_of(args)["held_out"])
+    print(
+        "\n| run | margin | lambda at the end | feature norm | weight norm | target angle (deg) "
+        "| target logit | margin cut (m, lambda) | gap to best other | train acc plain (%) "
+        "| train acc margin (%) |"
+    )
+    print("|" + " --- |" * 11)
+    data: dict[tuple[str, str | None], Any] = {}
+    for run in args.diagnose:
+        model, meta = load_model(Path(run) / "checkpoint.pt")
+        cfg = meta.get("extra", meta)["config"]
+        final = json.loads((Path(run) / "final.json").read_text())
+        key = (cfg["dataset"], cfg.get("data_dir"))
+        if key not in data:
+            full = load_dataset(cfg["dataset"], cfg.get("data_dir"))
+            data[key] = hold_out(full, held)[0] if held else full
+        ds = data[key]
+        n = min(args.diag_samples, len(ds.y_train))
+        if cfg["margin"] == 1 and args.cut is None:
+            m, lam = 1, 0.0
+        elif cfg["margin"] == 1:
+            m, lam = int(args.cut[0]), float(args.cut[1])
+        else:
+            m, lam = int(cfg["margin"]), float(final["lambda"])
+        r = margin_cut(model, ds.x_train[:n], ds.y_train[:n], m, lam)
+        final_lam = "- (softmax)" if cfg["margin"] == 1 else f"{final['lambda']:.3g}"
+        print(
+            f"| {run} | {cfg['margin']} | {final_lam} | {r['feat_norm']:.2f} | "
+            f"{r['weight_norm']:.2f} | {r['target_angle']:.1f} | {r['target_logit']:.2f} | "
+            f"{r['cut']:.2f} ({m}, {lam:.3g}) | {r['gap']:.2f} | "
+            f"{100 * r['train_acc_plain']:.2f} | {100 * r['train_acc_margin']:.2f} |",
+            flush=True,
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.score:
         return rescore(args)
+    if args.diagnose:
+        return diagnose(args)
     import torch
 
     from lsoftmax.data import load_dataset, subset

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT
 
 from lsoftmax.feature_quality import angular_stats, nearest_neighbour_accuracy, tar_at_far
@@ -107,6 +108,47 @@ def test_benchmark_smoke_recipe_and_rescore(
     assert bench.main(["--recipe", "smoke", "--score", str(out / "m1_s0"), str(out / "m2_s0")]) == 0
     again = capsys.readouterr().out
     assert text.split("\n| margin | seed |")[1].split("\n\n")[0] in again
+    # --diagnose reads the same runs: one row each, the softmax run's cut at --cut's margin.
+    runs = [str(out / "m1_s0"), str(out / "m2_s0")]
+    argv = ["--recipe", "smoke", "--diagnose", *runs, "--cut", "2", "5", "--diag-samples", "50"]
+    assert bench.main(argv) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 4 and "(2, 5)" in table[2] and f"| {runs[1]} | 2 |" in table[3]
+
+
+class _Identity(torch.nn.Module):
+    """A model whose features are its inputs and whose head is a bias-free linear layer."""
+
+    def __init__(self, weight: list[list[float]]) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(2, len(weight), bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor(weight))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_margin_cut_against_hand_computed_values() -> None:
+    bench = _bench()
+    # Class 0's weight along the x axis (norm 2), class 1's along y (norm 1); two class-0
+    # features of norm 3 at 30 degrees and one at 60 degrees, whose best other logit is class 1.
+    model = _Identity([[2.0, 0.0], [0.0, 1.0]])
+    x = torch.tensor([_unit(30.0), _unit(30.0), _unit(60.0)]) * 3.0
+    y = torch.tensor([0, 0, 0])
+    r = bench.margin_cut(model, x, y, margin=2, lam=1.0)
+    # m = 2, theta < 90 deg: psi = cos(2 theta); the cut is |x||w| (cos - psi) / (1 + lambda).
+    cuts = [
+        6 * (math.cos(math.radians(t)) - math.cos(math.radians(2 * t))) / 2 for t in (30, 30, 60)
+    ]
+    gaps = [6 * math.cos(math.radians(t)) - 3 * math.sin(math.radians(t)) for t in (30, 30, 60)]
+    assert r["cut"] == pytest.approx(cuts[0]) and r["gap"] == pytest.approx(gaps[0])
+    assert r["feat_norm"] == pytest.approx(3.0) and r["weight_norm"] == pytest.approx(2.0)
+    assert r["target_angle"] == pytest.approx(30.0)
+    assert r["train_acc_plain"] == pytest.approx(sum(g > 0 for g in gaps) / 3)
+    meets_margin = [g - c > 0 for g, c in zip(gaps, cuts, strict=True)]
+    assert r["train_acc_margin"] == pytest.approx(sum(meets_margin) / 3)
+    assert r["train_acc_margin"] < r["train_acc_plain"]  # the 60-degree row fails the margin
 
 
 def test_benchmark_rejects_an_option_of_another_schedule(tmp_path: Path) -> None:
