@@ -240,3 +240,53 @@ def test_torch_extension_reports_bad_labels_like_the_core() -> None:
         lsoftmax_logits(x, w, torch.tensor([0, 5, 1, 0]), 4, 0.5)
     with pytest.raises(ValueError, match=r"lambda must be >= 0"):
         torch.ops.lsoftmax_cpu.margin_linear(x, w, torch.tensor([0, 1, 1, 0]), 4, -1.0)
+
+
+def test_torch_calls_run_on_torch_pool_with_identical_results() -> None:
+    """The fused loss and the L-GM loss called from torch run the core's loops on torch's
+    intra-op pool: the core's own pool never starts (its threads would show in
+    /proc/self/task), and the results at torch.set_num_threads(1) and (2) are bit-identical."""
+    code = """
+        import os
+        import torch
+        from lsoftmax import core
+        from lsoftmax.torch import LGMLoss
+        from lsoftmax.torch.functional import margin_cross_entropy
+        def count():
+            return len(os.listdir("/proc/self/task"))
+        g = torch.Generator().manual_seed(0)
+        # 512 rows: well past the core's grain, so every loop would be parallel.
+        x = torch.randn(512, 32, generator=g, dtype=torch.float64)
+        w = torch.randn(3000, 32, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3000, (512,), generator=g)
+        lgm = LGMLoss(40, 32, alpha=0.5).double()
+        yl = y % 40
+        def step():
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            loss = margin_cross_entropy(xr, wr, y, 4, chunk_size=700, lam=0.5)
+            loss.backward()
+            lgm.zero_grad()
+            xl = x.clone().requires_grad_()
+            lloss, _ = lgm(xl, yl)
+            lloss.backward()
+            return [loss, xr.grad, wr.grad, lloss, xl.grad, lgm.means.grad, lgm.log_var.grad]
+        out = {}
+        for threads in (2, 1, 2):
+            torch.set_num_threads(threads)
+            torch.mm(x, w.t()).sum()  # torch's own pool is up at this size before counting
+            before = count()
+            out[threads] = step()
+            assert count() == before, (threads, before, count())
+        same = all(torch.equal(a, b) for a, b in zip(out[1], out[2]))
+        base = count()
+        xs = torch.cat([x] * 8).numpy()  # 4096 rows: the same loop's grain in the numpy path
+        core.forward(xs, w[:7].numpy(), torch.cat([y] * 8).numpy() % 7, margin=4, lam=0.5)
+        print(same, count() - base)
+    """
+    rc, out, err = _run_python(code, env={"LSOFTMAX_NUM_THREADS": "4"})
+    assert rc == 0, err
+    same, started = out.split()
+    assert same == "True"
+    # The control: the numpy path does start the core's pool (3 helpers), so the counts above
+    # would have seen it.
+    assert started == "3"

@@ -89,10 +89,14 @@ def _load_torch_ops() -> bool:
             stacklevel=2,
         )
         return False
+    # The numpy module's bindings that this package calls with torch_pool=True (the fused
+    # loss's block kernels, the L-GM steps) then run their loops on torch's intra-op pool.
+    _core.set_torch_parallel_for(int(torch.ops.lsoftmax_cpu.parallel_for_address()))
     return True
 
 
-#: True when the libtorch extension is loaded (``torch.ops.lsoftmax_cpu``).
+#: True when the libtorch extension is loaded (``torch.ops.lsoftmax_cpu``); then ``torch_pool``
+#: calls of ``lsoftmax._core`` run on torch's intra-op pool instead of the core's own.
 TORCH_OPS = _load_torch_ops()
 
 

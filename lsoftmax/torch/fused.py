@@ -117,8 +117,12 @@ def margin_targets(
                 f"labels[{i}] = {int(ys[i])} is out of range [0, {weight.shape[0]})"
             )
     f = torch.bmm(xs.unsqueeze(1), weight.index_select(0, ys).unsqueeze(2)).view(-1)
+    # Row stats (saved for the backward) come only from the numpy route, whose loops run on the
+    # core's own pool; with the libtorch extension the backward recomputes them (N rows) and
+    # every loop runs on torch's pool.
     stats = _kernels.margin_forward_(
-        _stride0(f, weight.shape[0]), xs, weight, ys, margin, lam, xs.device.type == "cpu"
+        _stride0(f, weight.shape[0]), xs, weight, ys, margin, lam,
+        xs.device.type == "cpu" and not _kernels.TORCH_OPS,
     )
     if rows is None:
         logits = f
@@ -195,7 +199,8 @@ def stream_lse(
             )
         else:
             _core.fused_lse_block_(
-                _np(block), _np(labels), c0, _np(target_logits), _np(row_max), _np(row_sum)
+                _np(block), _np(labels), c0, _np(target_logits), _np(row_max), _np(row_sum),
+                torch_pool=_kernels.TORCH_OPS,
             )
     return row_max, row_sum
 
@@ -229,7 +234,8 @@ def stream_grad(
             )
         else:
             _core.fused_grad_block_(
-                _np(block), _np(labels), c0, _np(target_logits), _np(lse), _np(scale)
+                _np(block), _np(labels), c0, _np(target_logits), _np(lse), _np(scale),
+                torch_pool=_kernels.TORCH_OPS,
             )
         grad_x.addmm_(block, w_block)
         torch.mm(block.t(), x, out=grad_w[c0 : c0 + chunk])

@@ -11,6 +11,7 @@
 
 #include "array_views.h"
 #include "bindings.h"
+#include "caller_pool.h"
 #include "cuda_args.h"
 #include "lsoftmax/fused.h"
 #include "lsoftmax/fused_cuda.h"  // declarations only: the launchers exist with CUDA
@@ -49,7 +50,9 @@ void dispatch(const py::array& block, const py::array& labels, F&& f) {
 }
 
 void lse_block_py(py::array block, py::array labels_in, int64_t class_begin,
-                  py::array target_logit, py::array row_max, py::array row_sum) {
+                  py::array target_logit, py::array row_max, py::array row_sum,
+                  bool torch_pool) {
+  require_torch_pool(torch_pool);
   py::array labels = as_strided_input(labels_in);
   dispatch(block, labels, [&](auto t_tag, auto l_tag) {
     using T = decltype(t_tag);
@@ -62,6 +65,7 @@ void lse_block_py(py::array block, py::array labels_in, int64_t class_begin,
     Status s;
     {
       py::gil_scoped_release release;
+      const CallerPool pool(torch_pool);
       s = fused_lse_block<T, L>(bv, lv, class_begin, tl, mx, sm);
     }
     raise_if_error(s);
@@ -69,7 +73,8 @@ void lse_block_py(py::array block, py::array labels_in, int64_t class_begin,
 }
 
 void grad_block_py(py::array block, py::array labels_in, int64_t class_begin,
-                   py::array target_logit, py::array lse, py::array scale) {
+                   py::array target_logit, py::array lse, py::array scale, bool torch_pool) {
+  require_torch_pool(torch_pool);
   py::array labels = as_strided_input(labels_in);
   dispatch(block, labels, [&](auto t_tag, auto l_tag) {
     using T = decltype(t_tag);
@@ -82,6 +87,7 @@ void grad_block_py(py::array block, py::array labels_in, int64_t class_begin,
     Status s;
     {
       py::gil_scoped_release release;
+      const CallerPool pool(torch_pool);
       s = fused_grad_block<T, L>(bv, lv, class_begin, tl, ls, sc);
     }
     raise_if_error(s);
@@ -137,10 +143,12 @@ void cuda_grad_block_py(const cuda_args::MatrixSpec&, const cuda_args::LabelSpec
 void bind_fused(py::module_& m) {
   m.def("fused_lse_block_", &lse_block_py, py::arg("block"), py::arg("labels"),
         py::arg("class_begin"), py::arg("target_logit"), py::arg("row_max"), py::arg("row_sum"),
+        py::arg("torch_pool") = false,
         "In place: block holds x @ W[class_begin:class_begin+B].T; the target entries become "
         "target_logit and row_max / row_sum (float64) absorb the block's log-sum-exp.");
   m.def("fused_grad_block_", &grad_block_py, py::arg("block"), py::arg("labels"),
         py::arg("class_begin"), py::arg("target_logit"), py::arg("lse"), py::arg("scale"),
+        py::arg("torch_pool") = false,
         "In place: block holds x @ W[class_begin:class_begin+B].T; on return it holds "
         "scale * (softmax - onehot) of the margin logits, given each row's log-sum-exp.");
   m.def("cuda_fused_lse_block_", &cuda_lse_block_py, py::arg("block"), py::arg("labels"),

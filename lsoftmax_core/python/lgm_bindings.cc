@@ -11,6 +11,7 @@
 
 #include "array_views.h"
 #include "bindings.h"
+#include "caller_pool.h"
 #include "cuda_args.h"
 #include "scalar_args.h"
 #include "lsoftmax/lgm.h"
@@ -87,7 +88,8 @@ py::object log_var_from_variances_py(py::array v_in) {
   });
 }
 
-py::tuple prepare_py(py::array means_in, py::array lv_in) {
+py::tuple prepare_py(py::array means_in, py::array lv_in, bool torch_pool) {
+  require_torch_pool(torch_pool);
   py::array means = as_strided_input(means_in), lv = as_strided_input(lv_in);
   const FloatKind fk = float_kind("means", means);
   require_same_dtype("log_var", lv, "means", means);
@@ -103,6 +105,7 @@ py::tuple prepare_py(py::array means_in, py::array lv_in) {
     Status s;
     {
       py::gil_scoped_release release;
+      const CallerPool pool(torch_pool);
       s = lgm_prepare<T>(mv, lvv, offset.mutable_data(), pv, sv);
     }
     raise_if_error(s);
@@ -112,7 +115,8 @@ py::tuple prepare_py(py::array means_in, py::array lv_in) {
 
 int64_t forward_py(py::array logits, py::array loglik, py::array x_in, py::array means_in,
                    py::array lv_in, py::array offset_in, py::object sq_obj, py::object labels,
-                   py::object alpha_obj, bool include_logdet) {
+                   py::object alpha_obj, bool include_logdet, bool torch_pool) {
+  require_torch_pool(torch_pool);
   const double alpha = real_arg("alpha", alpha_obj);
   py::array x = as_strided_input(x_in), means = as_strided_input(means_in),
             lv = as_strided_input(lv_in);
@@ -143,6 +147,7 @@ int64_t forward_py(py::array logits, py::array loglik, py::array x_in, py::array
       Status s;
       {
         py::gil_scoped_release release;
+        const CallerPool pool(torch_pool);
         s = lgm_forward<T, L>(xv, mv, lvv, off.data(), sqv, lview, out, ll, alpha,
                               include_logdet, &n_direct);
       }
@@ -154,7 +159,8 @@ int64_t forward_py(py::array logits, py::array loglik, py::array x_in, py::array
 
 py::tuple backward_coeffs_py(py::array grad_in, py::object grad_ll_obj, py::array logits_in,
                              py::array lv_in, int64_t feat_dim, py::object labels,
-                             py::object alpha_obj, bool include_logdet) {
+                             py::object alpha_obj, bool include_logdet, bool torch_pool) {
+  require_torch_pool(torch_pool);
   const double alpha = real_arg("alpha", alpha_obj);
   py::array grad = as_strided_input(grad_in), logits = as_strided_input(logits_in),
             lv = as_strided_input(lv_in);
@@ -183,6 +189,7 @@ py::tuple backward_coeffs_py(py::array grad_in, py::object grad_ll_obj, py::arra
       Status s;
       {
         py::gil_scoped_release release;
+        const CallerPool pool(torch_pool);
         s = lgm_backward_coeffs<T, L>(gv, gll_ptr, zv, lvv, feat_dim, lview, alpha,
                                       include_logdet, cv, colsum.mutable_data(),
                                       grad_h.mutable_data(), own.mutable_data(),
@@ -198,7 +205,9 @@ py::tuple backward_coeffs_py(py::array grad_in, py::object grad_ll_obj, py::arra
 py::tuple backward_assemble_py(py::array x_in, py::array means_in, py::array lv_in,
                                py::array offset_in, py::array colsum_in, py::array grad_h_in,
                                py::array own_in, py::array cls_in, py::array wp_in,
-                               py::array wmp_in, py::array wtx_in, py::array wtx2_in) {
+                               py::array wmp_in, py::array wtx_in, py::array wtx2_in,
+                               bool torch_pool) {
+  require_torch_pool(torch_pool);
   py::array x = as_strided_input(x_in), means = as_strided_input(means_in),
             lv = as_strided_input(lv_in), wp = as_strided_input(wp_in),
             wmp = as_strided_input(wmp_in), wtx = as_strided_input(wtx_in),
@@ -240,6 +249,7 @@ py::tuple backward_assemble_py(py::array x_in, py::array means_in, py::array lv_
     Status s;
     {
       py::gil_scoped_release release;
+      const CallerPool pool(torch_pool);
       s = lgm_backward_assemble<T>(xv, mv, lvv, off.data(), cs.data(), gh.data(), own.data(),
                                    cls.data(), wpv, wmpv, wtxv, wtx2v, gxv, gmv, glvv);
     }
@@ -408,11 +418,13 @@ void bind_lgm(pybind11::module_& m) {
   m.def("lgm_log_var_from_variances", &log_var_from_variances_py, py::arg("variances"),
         "log(variances), after checking every variance is finite and > 0.");
   m.def("lgm_prepare", &prepare_py, py::arg("means"), py::arg("log_var"),
+        py::arg("torch_pool") = false,
         "(offset, precision, scaled_means): the common offset (mean of the class means), "
         "exp(-log_var) and (means - offset) * precision, for the host's GEMMs.");
   m.def("lgm_forward_", &forward_py, py::arg("logits"), py::arg("loglik"), py::arg("x"),
         py::arg("means"), py::arg("log_var"), py::arg("offset"), py::arg("sq_term"),
         py::arg("labels"), py::arg("alpha"), py::arg("include_logdet"),
+        py::arg("torch_pool") = false,
         "In place: logits holds (x - offset) @ scaled_means.T and becomes the L-GM logits; "
         "loglik (N,) receives the log-likelihood of the label (or of the predicted class without "
         "labels). sq_term is (x - offset)**2 @ precision.T for diagonal variances, None for "
@@ -420,12 +432,13 @@ void bind_lgm(pybind11::module_& m) {
   m.def("lgm_backward_coeffs", &backward_coeffs_py, py::arg("grad_logits"),
         py::arg("grad_loglik"), py::arg("logits"), py::arg("log_var"), py::arg("feat_dim"),
         py::arg("labels"), py::arg("alpha"), py::arg("include_logdet"),
+        py::arg("torch_pool") = false,
         "(coeff, colsum, grad_h, own, cls): W = dL/dd (N, C) with each row's own-class entry "
         "moved to own (N,) (cls: that class), the column sums of the rest and dL/dh (C,).");
   m.def("lgm_backward_assemble", &backward_assemble_py, py::arg("x"), py::arg("means"),
         py::arg("log_var"), py::arg("offset"), py::arg("colsum"), py::arg("grad_h"),
         py::arg("own"), py::arg("cls"), py::arg("wp"), py::arg("wmp"), py::arg("wtx"),
-        py::arg("wtx2"),
+        py::arg("wtx2"), py::arg("torch_pool") = false,
         "(grad_x, grad_means, grad_log_var) from coeff @ precision, coeff @ scaled_means, "
         "coeff.T @ (x - offset) and coeff.T @ (x - offset)**2 (isotropic: its row sums), plus "
         "the own-class terms from direct differences.");

@@ -194,4 +194,5 @@ PYBIND11_MODULE(_core, m) {
   bind_lgm(m);
   bind_cuda(m);
   bind_fused(m);
+  bind_caller_pool(m);
 }

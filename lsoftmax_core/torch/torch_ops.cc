@@ -191,6 +191,13 @@ class MarginLinear : public torch::autograd::Function<MarginLinear> {
   }
 };
 
+// The address of torch_run, for the pybind11 module's bindings that lsoftmax.torch calls with
+// torch_pool=True (lsoftmax_core/python/caller_pool.h): that module does not link against torch,
+// so it borrows this executor to run its loops on torch's pool.
+int64_t parallel_for_address_op() {
+  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(&torch_run));
+}
+
 at::Tensor margin_linear_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                             int64_t margin, double lam) {
   return MarginLinear::apply(x, w, labels, margin, lam);
@@ -204,6 +211,7 @@ TORCH_LIBRARY(lsoftmax_cpu, m) {
   m.def("margin_backward_(Tensor grad_logits, Tensor x, Tensor weight, Tensor labels, "
         "Tensor(a!) grad_x, Tensor(b!) grad_weight, int margin, float lam) -> ()");
   m.def("margin_linear(Tensor x, Tensor weight, Tensor labels, int margin, float lam) -> Tensor");
+  m.def("parallel_for_address() -> int", TORCH_FN(parallel_for_address_op));
   m.impl("margin_forward_", c10::DispatchKey::CPU, TORCH_FN(margin_forward_op));
   m.impl("margin_backward_", c10::DispatchKey::CPU, TORCH_FN(margin_backward_op));
   // Autograd lives inside (MarginLinear), so the op is registered as composite: eager only;

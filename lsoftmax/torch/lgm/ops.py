@@ -51,7 +51,9 @@ def _on_cuda(t: Tensor) -> bool:
 
 
 def _prepare(means: Tensor, log_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    offset, precision, scaled = _core.lgm_prepare(_np(means), _np(log_var))
+    offset, precision, scaled = _core.lgm_prepare(
+        _np(means), _np(log_var), torch_pool=_kernels.TORCH_OPS
+    )
     return torch.from_numpy(offset), torch.from_numpy(precision), torch.from_numpy(scaled)
 
 
@@ -81,6 +83,7 @@ def _forward(
         _np(labels),
         alpha,
         include_logdet,
+        torch_pool=_kernels.TORCH_OPS,
     )
     return logits, loglik
 
@@ -315,6 +318,7 @@ def lgm_backward(
             _np(labels),
             float(alpha.item()),
             include_logdet,
+            torch_pool=_kernels.TORCH_OPS,
         )
     )
     xc = x - offset
@@ -335,6 +339,7 @@ def lgm_backward(
         _np(torch.mm(coeff, scaled)),
         _np(torch.mm(coeff_t, xc)),
         _np(torch.mm(coeff_t, sq)),
+        torch_pool=_kernels.TORCH_OPS,
     )
     return tuple(torch.from_numpy(g) for g in grads)  # type: ignore[return-value]
 
