@@ -107,9 +107,34 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
         res.update(pfc_loss=loss_c.detach(),
                    pfc_classes=head_c.sampled_classes(y_all - head_c.class_begin, 0)
                    + head_c.class_begin)
+        if world == 2:
+            res.update(_schedule_part(data, rows))
         torch.save(res, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _schedule_part(data: dict[str, torch.Tensor], rows: slice) -> dict[str, object]:
+    """E (2 ranks): the schedule, margin and step are in the state_dict; after attach() the
+    optimizer's steps, not the forwards, advance lambda."""
+    from lsoftmax.schedules import Exponential
+    from lsoftmax.torch.distributed import ShardedMarginHead
+
+    sched = Exponential(base=100.0, gamma=0.5, power=1.0)
+    head = ShardedMarginHead(D, C, 2, sched, chunk_size=4, dtype=torch.float64)
+    opt = torch.optim.SGD(head.parameters(), lr=0.0)
+    head.attach(opt)
+    x = data["x"][rows]
+    lams = []
+    for _ in range(2):  # two forwards per optimizer step (gradient accumulation)
+        head(x, data["y"][rows]).backward()
+        head(x, data["y"][rows]).backward()
+        opt.step()
+        lams.append(head.current_lambda)
+    fresh = ShardedMarginHead(D, C, 3, Exponential(), chunk_size=4, dtype=torch.float64)
+    fresh.load_state_dict(head.state_dict())
+    return {"sched_steps": int(head.step), "sched_lams": lams,
+            "sched_restored": (fresh.margin, fresh.schedule.to_dict(), int(fresh.step))}
 
 
 def _reference_losses(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -171,6 +196,15 @@ def test_sharded_head_matches_single_process(world: int, tmp_path: Path) -> None
     per_row = _reference_losses(data["x"][:n], data["w"][kept], remap[y])
     for r, got in enumerate(res):
         assert max_rel_err(got["pfc_loss"], per_row[_rows(sizes, r)].mean()) < 1e-12
+
+    if world == 2:  # E: ScheduledStep
+        from lsoftmax.schedules import Exponential
+
+        sched = Exponential(base=100.0, gamma=0.5, power=1.0)
+        for got in res:
+            assert got["sched_steps"] == 2  # two optimizer steps, four forwards
+            assert got["sched_lams"] == [sched.value(0), sched.value(1)]
+            assert got["sched_restored"] == (2, sched.to_dict(), 2)
 
 
 def _load_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -24,6 +24,10 @@ is the cross-entropy over the kept classes and only their weight rows get gradie
 Checkpoints: ``save_sharded(head, path)`` writes one file with the whole (C x D) weight (rank 0
 receives the shards one by one, so it never holds more than the weight); ``load_sharded(head,
 path)`` reads it into a head of any world size.
+
+Lambda follows ``lsoftmax.torch.scheduled.ScheduledStep`` like ``LSoftmaxLinear``'s: the step
+counter is a buffer, the schedule and margin are in the ``state_dict``, and after
+``head.attach(optimizer)`` only optimizer steps advance it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from torch import Tensor, nn
 from lsoftmax.schedules import Exponential, Schedule, schedule_from_dict
 from lsoftmax.torch import fused
 from lsoftmax.torch.functional import check_inputs, check_margin
+from lsoftmax.torch.scheduled import ScheduledStep
 
 __all__ = ["ShardedMarginHead", "load_sharded", "save_sharded", "shard_range"]
 
@@ -155,17 +160,16 @@ class _ShardedCE(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None
 
 
-class ShardedMarginHead(nn.Module):
+class ShardedMarginHead(ScheduledStep):
     """L-Softmax margin cross-entropy with the classes split over the ranks of a process group.
 
     ``forward(x, target)`` (this rank's batch) returns the loss of this rank's rows, computed
     over all ``num_classes`` classes (or the partial-FC sample of them). Every rank must call it
     (it runs collectives). In eval mode the loss is plain softmax cross-entropy over all
-    classes. The step counter and lambda follow ``LSoftmaxLinear``'s rules; every rank steps
-    together because every rank runs every forward.
+    classes. The step counter and lambda follow ``ScheduledStep``'s rules (``LSoftmaxLinear``'s);
+    every rank steps together because every rank runs every forward, or, after
+    ``attach(optimizer)``, every optimizer step.
     """
-
-    step: Tensor
 
     def __init__(
         self,
@@ -200,9 +204,7 @@ class ShardedMarginHead(nn.Module):
         self.in_features, self.num_classes = in_features, num_classes
         self.class_begin, self.class_end = shard_range(num_classes, self.world_size, self.rank)
         self.margin = check_margin(margin)
-        if schedule is not None and not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a lsoftmax.schedules.Schedule, got {schedule!r}")
-        self.schedule: Schedule = schedule if schedule is not None else Exponential()
+        self._init_scheduled(schedule if schedule is not None else Exponential(), device)
         self.sample_rate = float(sample_rate)
         self.reduction = fused.check_reduction(reduction)
         fused.check_chunk_size(chunk_size, 1, num_classes)
@@ -213,12 +215,27 @@ class ShardedMarginHead(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(self.class_end - self.class_begin, in_features, device=device, dtype=dtype)
         )
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / in_features))
+
+    schedule = property(ScheduledStep._get_schedule, ScheduledStep._set_schedule)
+
+    def _warn_if_distributed(self) -> None:
+        # Every rank runs every forward of this head (they are collective), so the ranks count
+        # the same forwards: nothing to warn about.
+        self._warned_distributed = True
+
+    def _state_fields(self) -> dict[str, Any]:
+        return {**super()._state_fields(), "margin": self.margin}
+
+    def _load_state_fields(self, fields: dict[str, Any]) -> None:
+        margin = check_margin(fields.get("margin", self.margin))
+        super()._load_state_fields(fields)
+        self.margin = margin
 
     @property
     def current_lambda(self) -> float:
-        return self.schedule.value(max(int(self.step) - 1, 0))
+        """Lambda of the latest counted step (before any: the one the first will use)."""
+        return self._latest_value()
 
     def sampled_classes(self, target_all_local: Tensor, step: int) -> Tensor:
         """The partial-FC classes (shard indices) for labels relative to the shard, at ``step``."""
@@ -230,8 +247,7 @@ class ShardedMarginHead(nn.Module):
         if not self.training:
             return _ShardedCE.apply(x, self.weight, target, _Plain(self), 0.0, None)
         step = int(self.step)
-        lam = self.schedule.value(step)
-        self.step.add_(1)
+        lam = self._scheduled_value(True)
         classes = None
         if self.sample_rate < 1.0:
             # The kept classes depend on the whole batch's labels: gather them first.
