@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lsoftmax import _core
 from lsoftmax.data import Dataset, load_dataset, subset
 from lsoftmax.models import MarginClassifier, build_model, model_kwargs_for
 from lsoftmax.schedules import Constant, Exponential, Onset, Scaled, Schedule
@@ -156,8 +157,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.loss not in ("lsoftmax", "lgm"):
             raise ValueError(f"loss must be 'lsoftmax' or 'lgm', got {self.loss!r}")
-        if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 1:
-            raise ValueError(f"margin must be an integer >= 1, got {self.margin!r}")
+        _core.check_margin(self.margin)  # the core's rule (int, in [1, 2^20])
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "angle_rows",
+    "family_reference",
     "lsoftmax_reference",
     "max_rel_err",
     "reference_with_grads",
@@ -136,3 +137,57 @@ def reference_with_grads(
     logits = lsoftmax_reference(xr, wr, labels, margin, lam)
     gx, gw = torch.autograd.grad(logits, (xr, wr), grad_logits.to(torch.float64))
     return logits.detach(), gx, gw
+
+
+def family_reference(
+    x: Tensor, weight: Tensor, labels: Tensor | None, kind: str, params: dict[str, float],
+    lam: float = 0.0,
+) -> Tensor:
+    """Margin-family logits in float64 from the published formulas, differentiable by autograd.
+
+    ``kind`` and ``params`` (``m``, ``s``, ``easy_margin``, ``m1``, ``m2``, ``m3``) as in
+    ``lsoftmax.margins``. The angle comes from ``acos`` (the core works on cos(theta) with
+    closed forms). Every row of x and weight must have a nonzero norm.
+    """
+    x = x.to(torch.float64)
+    weight = weight.to(torch.float64)
+    if kind == "lsoftmax":
+        if labels is None:
+            return x @ weight.t()
+        return lsoftmax_reference(x, weight, labels, int(params["m"]), lam)
+    nx = torch.linalg.vector_norm(x, dim=1)
+    nw = torch.linalg.vector_norm(weight, dim=1)
+    wn = weight / nw[:, None]
+    if kind == "sphereface":
+        a = nx
+        cos = (x / nx[:, None]) @ wn.t()
+    else:
+        a = torch.full_like(nx, float(params["s"]))
+        cos = (x / nx[:, None]) @ wn.t()
+    logits = a[:, None] * cos
+    if labels is None:
+        return logits
+    labels = labels.to(torch.int64)
+    rows = torch.arange(x.shape[0])
+    eps = torch.finfo(torch.float64).eps
+    c = _straight_through_clamp(cos[rows, labels], -1.0 + eps, 1.0 - eps)
+    theta = torch.acos(c)
+    if kind == "sphereface":
+        m = int(params["m"])
+        k = torch.floor(theta.detach() * m / math.pi).clamp(0, m - 1)
+        psi = (1.0 - 2.0 * torch.remainder(k, 2)) * torch.cos(m * theta) - 2.0 * k
+        phi = (lam * c + psi) / (1.0 + lam)
+    elif kind == "cosface":
+        phi = c - float(params["m"])
+    elif kind == "arcface":
+        m = float(params["m"])
+        arc = torch.cos(theta + m)
+        if params.get("easy_margin", False):
+            phi = torch.where(c > 0, arc, c)
+        else:
+            phi = torch.where(theta + m <= math.pi, arc, c - m * math.sin(m))
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    out = logits.clone()
+    out[rows, labels] = a * phi
+    return out

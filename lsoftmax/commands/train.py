@@ -156,8 +156,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"unknown --dataset {args.dataset!r}; expected one of {', '.join(DATASET_CHOICES)}"
         )
-    if not 1 <= args.margin <= _core.max_margin:
-        raise CLIError(f"--margin must be an integer in [1, 2^20], got {args.margin}")
+    try:
+        _core.check_margin(args.margin)  # the core's rule and message, worded for the flag
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--{e}") from None
     # Sizes are checked here, before any data is loaded (a zero width otherwise ends in an
     # IndexError deep in the model).
     for flag, value in (

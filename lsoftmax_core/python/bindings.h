@@ -9,5 +9,6 @@ void bind_lgm(pybind11::module_& m);   // lgm_bindings.cc
 void bind_cuda(pybind11::module_& m);  // cuda_bindings.cc
 void bind_fused(pybind11::module_& m);  // fused_bindings.cc
 void bind_caller_pool(pybind11::module_& m);  // caller_pool.cc
+void bind_family(pybind11::module_& m);  // family_bindings.cc
 
 }  // namespace lsoftmax::python

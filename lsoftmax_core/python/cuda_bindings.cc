@@ -287,7 +287,9 @@ void bind_cuda(py::module_& m) {
   m.def(
       "schedule_value",
       [](const std::string& kind, const std::vector<double>& params, int64_t it) {
-        return lsoftmax::schedule_value(schedule_of(kind, params), it);
+        const ScheduleSpec spec = schedule_of(kind, params);
+        if (it < 0) throw py::value_error("step must be >= 0, got " + std::to_string(it));
+        return lsoftmax::schedule_value(spec, it);
       },
       py::arg("kind"), py::arg("params"), py::arg("it"),
       "The schedule's value at step it, on the host, through the same spec and formulas the "

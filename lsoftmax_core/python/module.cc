@@ -195,4 +195,5 @@ PYBIND11_MODULE(_core, m) {
   bind_cuda(m);
   bind_fused(m);
   bind_caller_pool(m);
+  bind_family(m);
 }

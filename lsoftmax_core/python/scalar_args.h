@@ -5,9 +5,12 @@
 
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+
+#include "lsoftmax/lsoftmax.h"
 
 namespace lsoftmax::python {
 
@@ -31,9 +34,14 @@ inline int64_t margin_arg(const pybind11::handle& margin) {
   if (!as_int) throw pybind11::error_already_set();
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
-  if (overflow != 0) {
-    throw pybind11::value_error("margin must be an integer in [1, 2^20], got " +
-                                pybind11::str(as_int).cast<std::string>());
+  if (overflow != 0) {  // the core's range message, with the value as a double
+    MarginSpec spec;
+    spec.margin = PyLong_AsDouble(as_int.ptr());
+    if (spec.margin == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      spec.margin = overflow > 0 ? HUGE_VAL : -HUGE_VAL;
+    }
+    throw pybind11::value_error(validate_margin_spec(spec, 0.0).message());
   }
   if (v == -1 && PyErr_Occurred()) throw pybind11::error_already_set();
   return static_cast<int64_t>(v);

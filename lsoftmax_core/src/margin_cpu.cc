@@ -180,15 +180,18 @@ std::vector<T> target_class_norms(const MatrixView<const T>& w, int64_t rows) {
 }  // namespace
 
 Status validate_margin_params(int64_t margin, double lambda) {
-  if (margin < 1 || margin > kMaxMargin) {
+  MarginSpec spec;
+  spec.kind = MarginKind::kLSoftmax;
+  // Beyond +-2^53 a double would round the integer: any such margin is out of range anyway.
+  spec.margin = margin > kMaxMargin ? static_cast<double>(kMaxMargin) + 1.0
+                : margin < -kMaxMargin ? -1.0
+                                       : static_cast<double>(margin);
+  Status s = validate_margin_spec(spec, lambda);
+  if (!s.ok() && (margin > kMaxMargin || margin < -kMaxMargin)) {
     return Status::InvalidArgument("margin must be an integer in [1, 2^20], got " +
                                    std::to_string(margin));
   }
-  if (!(lambda >= 0.0)) {  // also rejects NaN
-    return Status::InvalidArgument("lambda must be >= 0 (and not NaN), got " +
-                                   std::to_string(lambda));
-  }
-  return Status::Ok();
+  return s;
 }
 
 template <typename T, typename L>
@@ -302,12 +305,44 @@ Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
   return Status::Ok();
 }
 
+template <typename T, typename L>
+Status margin_family_forward(const MarginSpec& spec, double lambda, MatrixView<const T> x,
+                             MatrixView<const T> w, LabelView<L> labels, MatrixView<T> logits) {
+  if (spec.kind == MarginKind::kLSoftmax) {
+    Status s = validate_margin_spec(spec, lambda);
+    if (!s.ok()) return s;
+    return margin_forward(x, w, labels, logits, static_cast<int64_t>(spec.margin), lambda);
+  }
+  Status s = validate_margin_spec(spec, lambda);
+  if (s.ok()) s = check_shapes(x, w, labels.size);
+  if (s.ok()) s = check_label_range(labels, w.rows);
+  if (s.ok()) s = check_matrix("logits", logits, x.rows, w.rows);
+  if (!s.ok()) return s;
+  const bool psi = kind_properties(spec.kind).uses_lambda;
+  const int m = psi ? static_cast<int>(spec.margin) : 1;
+  const std::vector<double> thresholds = segment_thresholds(m);
+  const T lam = static_cast<T>(lambda);
+  detail::parallel_for(x.rows, 3 * x.cols + 8 * m, [&](int64_t i) {
+    const int64_t t = static_cast<int64_t>(labels[i]);
+    const RowDots dots = row_dots(x, i, w, t);
+    const T nx = static_cast<T>(std::sqrt(dots.xx));
+    const T nw = static_cast<T>(std::sqrt(dots.ww));
+    if (is_degenerate(nx, nw)) return;
+    const T c = static_cast<T>(dots.xw / (std::sqrt(dots.xx) * std::sqrt(dots.ww)));
+    const TargetTerms<T> r = margin_target(spec, c, lam, psi ? thresholds.data() : nullptr);
+    logits(i, t) = margin_row_scale(spec, nx, nw) * r.phi;
+  });
+  return Status::Ok();
+}
+
 #define LSOFTMAX_INSTANTIATE(T, L)                                                              \
   template Status margin_forward<T, L>(MatrixView<const T>, MatrixView<const T>, LabelView<L>, \
                                        MatrixView<T>, int64_t, double, RowStats<T>);          \
   template Status margin_backward<T, L>(MatrixView<const T>, MatrixView<const T>,              \
                                         MatrixView<const T>, LabelView<L>, MatrixView<T>,      \
-                                        MatrixView<T>, int64_t, double, RowStats<T>);
+                                        MatrixView<T>, int64_t, double, RowStats<T>);         \
+  template Status margin_family_forward<T, L>(const MarginSpec&, double, MatrixView<const T>,  \
+                                              MatrixView<const T>, LabelView<L>, MatrixView<T>);
 LSOFTMAX_INSTANTIATE(float, int32_t)
 LSOFTMAX_INSTANTIATE(float, int64_t)
 LSOFTMAX_INSTANTIATE(double, int32_t)

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "lsoftmax/margin_family.h"
 #include "lsoftmax/parallel.h"
 #include "lsoftmax/status.h"
 #include "lsoftmax/views.h"
@@ -18,7 +19,44 @@ namespace lsoftmax {
 constexpr int64_t kMaxMargin = int64_t{1} << 20;
 
 // Checks margin in [1, kMaxMargin] and lambda >= 0 (not NaN); the message names the argument.
+// The L-Softmax case of validate_margin_spec (one rule, one message).
 Status validate_margin_params(int64_t margin, double lambda);
+
+// --- The margin family (margin_family.h has the math) -----------------------------------------
+
+// The one rule for a margin specification, worded once for every adapter (Python, torch, ONNX):
+// lambda >= 0 and not NaN (every kind; only the psi kinds use it), an integer margin in
+// [1, 2^20] for the psi kinds (lsoftmax, sphereface), a finite scale > 0 for the cosine kinds,
+// easy_margin for arcface only, and each kind's own ranges (src/margin_family_cpu.cc).
+Status validate_margin_spec(const MarginSpec& spec, double lambda);
+
+// The kinds' names ("lsoftmax", "sphereface", "cosface", "arcface", ...).
+const char* margin_kind_name(MarginKind kind);
+Status parse_margin_kind(const char* name, MarginKind* out);
+
+// A spec from its kind name and the flat parameters [margin, m1, m2, m3, scale, easy_margin]
+// (`count` must be 6; easy_margin 0 or 1), validated with validate_margin_spec(spec, 0).
+Status make_margin_spec(const char* kind, const double* params, int64_t count, MarginSpec* out);
+
+// phi[i] = phi(c[i]), dphi[i] = phi'(c[i]) for n cosines (dphi may be null): the per-row target
+// math for hosts that compute the cosines themselves (torch, numpy). Validates the spec.
+template <typename T>
+Status margin_family_targets(const MarginSpec& spec, double lambda, const T* cos_theta, int64_t n,
+                             T* phi, T* dphi);
+
+// out[i] = in[i] / max(|in[i]|, eps) with eps = degenerate_norm<T>(); norms[i] = |in[i]| when
+// norms is not null. `out` may be `in` (same view). The normalization of the normalizing kinds.
+template <typename T>
+Status normalize_rows(MatrixView<const T> in, MatrixView<T> out, T* norms = nullptr);
+
+// The family's forward around a host GEMM. x and w are the RAW inputs; logits holds the kind's
+// plain logits on entry (x W^T for lsoftmax; x Wn^T for sphereface; s Xn Wn^T for the cosine
+// kinds, with Xn, Wn from normalize_rows). On return logits[i, labels[i]] = a_i phi(c_i), with
+// c_i and the norms recomputed here from x and w in double. Rows with |x_i| or |w_t| below
+// degenerate_norm keep their plain logit. lsoftmax is exactly margin_forward.
+template <typename T, typename L>
+Status margin_family_forward(const MarginSpec& spec, double lambda, MatrixView<const T> x,
+                             MatrixView<const T> w, LabelView<L> labels, MatrixView<T> logits);
 
 // Optional per-row outputs of the forward (any pointer may be null): the norms, the clamped
 // cosine of the target angle and its segment k. Degenerate rows report k = -1.

@@ -29,6 +29,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "lsoftmax/margin_family.h"
 #include "lsoftmax/schedule_math.h"
 #include "lsoftmax/status.h"
 
@@ -131,5 +132,22 @@ Status stream_synchronize(void* stream);
 
 // Device-to-host copy on `stream` followed by a wait for that stream (small reads only).
 Status copy_to_host_sync(void* stream, void* dst, const void* src, size_t bytes);
+
+// --- The margin family (margin_family.h; cuda/margin_family_cuda.cu) -------------------------
+
+// phi[i], dphi[i] (dphi may be null) of the spec's kind at the n cosines cos_theta[i] (float32
+// or float64, device arrays of `dtype`). Lambda by value or, with device_lambda, read on the
+// device (a bad one sets kFlagBadLambda and gives NaN).
+Status margin_family_targets(const MarginSpec& spec, double lambda, const void* cos_theta,
+                             int64_t n, DType dtype, void* phi, void* dphi, int32_t* error_flag,
+                             void* stream, const double* device_lambda = nullptr);
+
+// The family's forward (lsoftmax.h's margin_family_forward on the device): logits holds the
+// kind's plain logits of the RAW x and w; each row's target logit becomes a_i phi(c_i). Rows with
+// bad labels are left untouched and set kFlagBadLabel. lsoftmax runs margin_forward.
+Status margin_family_forward(const MarginSpec& spec, double lambda, const DeviceMatrix& logits,
+                             const DeviceMatrix& x, const DeviceMatrix& w,
+                             const DeviceLabels& labels, int32_t* error_flag, void* stream,
+                             const double* device_lambda = nullptr);
 
 }  // namespace lsoftmax::cuda
