@@ -1,6 +1,9 @@
 """Lambda schedules: the blending weight used at training step ``it = 0, 1, ...``.
 
-The values come from the C++ core (``lsoftmax._core``), the one home of the formulas.
+The values come from the C++ core (``lsoftmax._core``), the one home of the formulas and of
+the kind dispatch: every schedule is its ``kind`` and flat ``params()``, evaluated by
+``_core.schedule_value`` on the host and by the same spec on the device
+(``lsoftmax::schedule_lambda``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ class Schedule:
     kind: ClassVar[str] = ""
 
     def value(self, step: int) -> float:
-        raise NotImplementedError
+        """Lambda at ``step`` (an int >= 0), by the core."""
+        return float(_core.schedule_value(self.kind, self.params(), int(step)))
+
+    def _validate(self) -> None:
+        # The core's checks of this kind (ValueError naming the parameter).
+        _core.schedule_value(self.kind, self.params(), 0)
 
     def params(self) -> list[float]:
         """The parameters as a flat list, in the order the core functions take them."""
@@ -47,16 +55,7 @@ class Exponential(Schedule):
     def __post_init__(self) -> None:
         if isinstance(self.iteration, bool) or not isinstance(self.iteration, int):
             raise TypeError(f"iteration must be an int, got {type(self.iteration).__name__}")
-        _core.exponential_lambda(
-            self.base, self.gamma, self.power, self.lambda_min, self.iteration, 0
-        )
-
-    def value(self, step: int) -> float:
-        return float(
-            _core.exponential_lambda(
-                self.base, self.gamma, self.power, self.lambda_min, self.iteration, int(step)
-            )
-        )
+        self._validate()
 
 
 @dataclass(frozen=True)
@@ -69,10 +68,7 @@ class Scaled(Schedule):
     beta_min: float = 0.0
 
     def __post_init__(self) -> None:
-        _core.scaled_lambda(self.beta, self.scale, self.beta_min, 0)
-
-    def value(self, step: int) -> float:
-        return float(_core.scaled_lambda(self.beta, self.scale, self.beta_min, int(step)))
+        self._validate()
 
 
 @dataclass(frozen=True)
@@ -84,11 +80,7 @@ class Constant(Schedule):
 
     def __init__(self, value: float = 0.0) -> None:
         object.__setattr__(self, "value_", float(value))
-        _core.validate_constant(self.value_)
-
-    def value(self, step: int) -> float:
-        del step
-        return self.value_
+        self._validate()
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "value": self.value_}
@@ -119,23 +111,7 @@ class Onset(Schedule):
     def __post_init__(self) -> None:
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int):
             raise TypeError(f"total_steps must be an int, got {type(self.total_steps).__name__}")
-        self._eval(0)
-
-    def _eval(self, step: int) -> float:
-        return float(
-            _core.onset_lambda(
-                self.total_steps,
-                self.reach,
-                self.at,
-                self.warmup,
-                self.base,
-                self.lambda_min,
-                int(step),
-            )
-        )
-
-    def value(self, step: int) -> float:
-        return self._eval(step)
+        self._validate()
 
 
 _KINDS: dict[str, type[Schedule]] = {c.kind: c for c in (Exponential, Scaled, Constant, Onset)}
@@ -173,10 +149,7 @@ class StepUp(Schedule):
         object.__setattr__(self, "gamma", float(gamma))
         object.__setattr__(self, "step", step)
         object.__setattr__(self, "max_value", float(max_value))
-        _core.stepup_value(self.value_, self.gamma, self.step, self.max_value, 0)
-
-    def value(self, step: int) -> float:
-        return float(_core.stepup_value(self.value_, self.gamma, self.step, self.max_value, step))
+        self._validate()
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -3,13 +3,14 @@
 from lsoftmax.schedules import Constant, Exponential, Scaled, Schedule
 from lsoftmax.torch import functional, ops
 from lsoftmax.torch.fused import MarginCrossEntropy
-from lsoftmax.torch.modules import LSoftmaxLinear
+from lsoftmax.torch.modules import LSoftmaxLinear, MarginLinear
 
 __all__ = [
     "Constant",
     "Exponential",
     "LSoftmaxLinear",
     "MarginCrossEntropy",
+    "MarginLinear",
     "Scaled",
     "Schedule",
     "functional",

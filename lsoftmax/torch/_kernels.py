@@ -359,3 +359,43 @@ def schedule_lambda_cuda(step: torch.Tensor, kind: str, params: list[float]) -> 
             stream=torch.cuda.current_stream(step.device).cuda_stream,
         )
     return out
+
+
+# --- the margin family's per-row target math ----------------------------------------------------
+
+
+def margin_family_targets(
+    kind: str, params: list[float], lam: float | torch.Tensor, cos_theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(phi, dphi)``: the kind's target function and its derivative at each cosine, by the core
+    (float32 for 16-bit cosines; a CUDA lambda tensor is read on the device)."""
+    c = cos_theta.detach()
+    if c.dtype not in (torch.float32, torch.float64):
+        c = c.float()
+    c = c.contiguous()
+    if c.device.type == "cpu":
+        phi, dphi = _core.margin_family_targets(kind, params, _host_lambda(lam), c.numpy())
+        return torch.from_numpy(phi), torch.from_numpy(dphi)
+    if c.device.type != "cuda":
+        _unsupported(c)
+    lam_value, lam_dev = _device_lambda(lam, c.device)
+    phi = torch.empty_like(c)
+    dphi = torch.empty_like(c)
+    with torch.cuda.device(c.device):
+        flag = _new_flag(c.device) if lam_dev is not None else None
+        _core.cuda_margin_family_targets_(
+            kind,
+            [float(v) for v in params],
+            lam_value,
+            c.data_ptr(),
+            c.shape[0],
+            "float64" if c.dtype == torch.float64 else "float32",
+            phi.data_ptr(),
+            dphi.data_ptr(),
+            stream=torch.cuda.current_stream(c.device).cuda_stream,
+            lam_ptr=_ptr(lam_dev),
+            error_flag=_ptr(flag),
+        )
+        if flag is not None:
+            _report_labels(flag, torch.zeros(0, dtype=torch.int64), 1, sync=True, lam=lam_dev)
+    return phi, dphi

@@ -1,4 +1,5 @@
-"""``LSoftmaxLinear``: the L-Softmax layer as a module with a lambda schedule."""
+"""The margin heads as modules with a lambda schedule: ``LSoftmaxLinear`` (L-Softmax) and
+``MarginLinear`` (any kind of ``lsoftmax.margins``), on one base."""
 
 from __future__ import annotations
 
@@ -8,54 +9,36 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lsoftmax.margins import ArcFace, Margin, default_schedule, margin_from_dict
 from lsoftmax.schedules import Exponential, Schedule
 from lsoftmax.torch import ops
-from lsoftmax.torch.functional import check_inputs, check_margin, checked_logits
+from lsoftmax.torch.functional import check_inputs, check_margin, checked_logits, family_logits
 from lsoftmax.torch.scheduled import ScheduledStep
 
-__all__ = ["LSoftmaxLinear"]
+__all__ = ["LSoftmaxLinear", "MarginLinear"]
 
 # Under autocast, the dtypes autocast would cast (float64 is left alone, as nn.Linear's is).
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class LSoftmaxLinear(ScheduledStep):
-    """Linear layer (no bias) whose training logits carry the L-Softmax margin.
+class _MarginHead(ScheduledStep):
+    """What the margin heads share: the weight (Caffe's "msra" init), ``(*, in_features)``
+    inputs, autocast, the step counter and schedule. Subclasses define ``_logits``."""
 
-    In training mode with a target it returns the margin logits, using the schedule's lambda at
-    the module's step counter. In eval mode, or with no target, it returns the plain logits
-    ``x @ weight.T``. Like ``nn.Linear`` it takes ``x`` of shape ``(*, in_features)``, with the
-    target shaped like the leading dims ``*``, and returns ``(*, out_features)``.
-
-    The step counter advances on grad-enabled training forwards, or on ``optimizer.step()`` after
-    ``attach(optimizer)`` (gradient accumulation, DDP); see ``lsoftmax.torch.scheduled``. The
-    counter is a buffer and the schedule and margin are the module's extra state, so both are in
-    the ``state_dict``: loading one into a default-constructed head restores lambda exactly.
-
-    Under ``torch.autocast`` the output has the autocast dtype, like ``nn.Linear``'s; the margin
-    is computed in float32 (on CPU the whole layer runs in float32, the core having no 16-bit
-    kernels, and the result is rounded; on CUDA the kernels take the 16-bit inputs and do their
-    per-row math in float32).
-    """
-
-    def __init__(
+    def _init_head(
         self,
         in_features: int,
         out_features: int,
-        margin: int = 4,
-        schedule: Schedule | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        schedule: Schedule,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
     ) -> None:
-        super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.in_features = in_features
         self.out_features = out_features
-        self.margin = check_margin(margin)
-        self._init_scheduled(schedule if schedule is not None else Exponential(), device)
+        self._init_scheduled(schedule, device)
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, device=device, dtype=dtype)
         )
@@ -108,6 +91,50 @@ class LSoftmaxLinear(ScheduledStep):
         return self._logits(x, self.weight, target)
 
     def _logits(self, x: Tensor, weight: Tensor, target: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+
+class LSoftmaxLinear(_MarginHead):
+    """Linear layer (no bias) whose training logits carry the L-Softmax margin.
+
+    In training mode with a target it returns the margin logits, using the schedule's lambda at
+    the module's step counter. In eval mode, or with no target, it returns the plain logits
+    ``x @ weight.T``. Like ``nn.Linear`` it takes ``x`` of shape ``(*, in_features)``, with the
+    target shaped like the leading dims ``*``, and returns ``(*, out_features)``.
+
+    The step counter advances on grad-enabled training forwards, or on ``optimizer.step()`` after
+    ``attach(optimizer)`` (gradient accumulation, DDP); see ``lsoftmax.torch.scheduled``. The
+    counter is a buffer and the schedule and margin are the module's extra state, so both are in
+    the ``state_dict``: loading one into a default-constructed head restores lambda exactly.
+
+    Under ``torch.autocast`` the output has the autocast dtype, like ``nn.Linear``'s; the margin
+    is computed in float32 (on CPU the whole layer runs in float32, the core having no 16-bit
+    kernels, and the result is rounded; on CUDA the kernels take the 16-bit inputs and do their
+    per-row math in float32).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        margin: int = 4,
+        schedule: Schedule | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        margin = check_margin(margin)
+        self._init_head(
+            in_features,
+            out_features,
+            schedule if schedule is not None else Exponential(),
+            device,
+            dtype,
+        )
+        self.margin = margin
+
+    def _logits(self, x: Tensor, weight: Tensor, target: Tensor | None) -> Tensor:
         check_inputs(x, weight, target)
         if not (self.training and target is not None):
             return checked_logits(x, weight, None, self.margin, 0.0)
@@ -119,6 +146,66 @@ class LSoftmaxLinear(ScheduledStep):
 
     def _load_state_fields(self, fields: dict[str, Any]) -> None:
         margin = check_margin(fields.get("margin", self.margin))
+        super()._load_state_fields(fields)
+        self.margin = margin
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"margin={self.margin}, schedule={self.schedule}"
+        )
+
+
+class MarginLinear(_MarginHead):
+    """Linear layer (no bias) whose training logits carry a margin of ``lsoftmax.margins``.
+
+    ``margin`` is a spec (``ArcFace(0.5, 64.0)`` by default; ``SphereFace``, ``CosFace``,
+    ``LSoftmax``, ...). In training mode with a target it returns the margin logits; in eval
+    mode, or with no target, the kind's plain logits: ``x @ weight.T`` (L-Softmax),
+    ``|x| cos theta_j`` (SphereFace) or ``s cos theta_j`` (the cosine kinds, which normalize the
+    features and the weights). ``schedule`` is the lambda schedule of the kinds that blend
+    (``margin.uses_lambda``); without one, ``lsoftmax.margins.default_schedule(margin)``.
+
+    Everything else is ``LSoftmaxLinear``'s: ``(*, in_features)`` inputs, the step counter
+    (``attach``), the state dict (the margin spec is saved with the schedule), autocast.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        margin: Margin | None = None,
+        schedule: Schedule | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        margin = ArcFace(0.5, 64.0) if margin is None else margin
+        if not isinstance(margin, Margin):
+            raise TypeError(f"margin must be a lsoftmax.margins.Margin, got {margin!r}")
+        self._init_head(
+            in_features,
+            out_features,
+            schedule if schedule is not None else default_schedule(margin),
+            device,
+            dtype,
+        )
+        self.margin = margin
+
+    def _logits(self, x: Tensor, weight: Tensor, target: Tensor | None) -> Tensor:
+        check_inputs(x, weight, target)
+        if not (self.training and target is not None):
+            return family_logits(x, weight, None, self.margin, 0.0)
+        lam = self._scheduled_value(ops.eager_cpu(x, weight, target, self.step))
+        return family_logits(x, weight, target, self.margin, lam)
+
+    def _state_fields(self) -> dict[str, Any]:
+        return {**super()._state_fields(), "margin": self.margin.to_dict()}
+
+    def _load_state_fields(self, fields: dict[str, Any]) -> None:
+        d = fields.get("margin")
+        margin = self.margin if d is None else margin_from_dict(d)
         super()._load_state_fields(fields)
         self.margin = margin
 

@@ -6,6 +6,17 @@
   0-d float64 tensor, so a schedule can change it every step without recompiling.
 - ``lsoftmax::linear_backward``: the backward of both (GEMMs by torch, margin terms by the core).
 - ``lsoftmax::schedule_lambda(step, kind, params)``: a schedule's value at a step tensor.
+- ``lsoftmax::margin_family_linear(Tensor x, Tensor weight, Tensor? labels, float lam, str kind,
+  float[] params) -> Tensor``: any kind of the margin family (``lsoftmax.margins``) on the RAW
+  ``x`` (N, D) and ``weight`` (C, D); the op normalizes inside. ``kind`` is the spec's ``kind``,
+  ``params = [margin, m1, m2, m3, scale, easy_margin]`` (``Margin.params()``; unused entries 0:
+  lsoftmax/sphereface use ``params[0] = m``, cosface/arcface ``params[0] = m`` and
+  ``params[4] = s``, combined ``params[1..4]``). Without labels: the kind's plain logits
+  (``x W^T``, ``|x| cos theta_j``, ``s cos theta_j``). This is the op the ONNX exporter
+  translates to ``ai.lsoftmax::MarginLinear``.
+- ``lsoftmax::margin_family_scheduled(x, weight, labels, lam: Tensor, kind, params)``: the same
+  with labels and lambda as a 0-d float64 tensor (a schedule's value, no recompiles).
+- ``lsoftmax::margin_family_backward``: the backward of both.
 
 On CUDA no op reads a value back to the host: ``schedule_lambda`` evaluates the schedule on the
 device (a 0-d float64 tensor on the step's device) and ``margin_linear`` / ``linear_backward``
@@ -21,13 +32,17 @@ import torch
 from torch import Tensor
 
 from lsoftmax import _core
-from lsoftmax.torch import _kernels
+from lsoftmax.torch import _family, _kernels
+from lsoftmax.torch.checks import check_inputs
 
 __all__ = [
     "eager_cpu",
     "eager_margin_linear",
     "linear",
     "linear_backward",
+    "margin_family_backward",
+    "margin_family_linear",
+    "margin_family_scheduled",
     "margin_linear",
     "schedule_lambda",
 ]
@@ -42,9 +57,7 @@ DOUBLE_BACKWARD_ERROR = (
 
 def _check_pair(x: Tensor, weight: Tensor) -> None:
     # Called ops directly get the same named errors as the functional form (the core checks the
-    # labels, margin and lambda); imported here because functional imports this module.
-    from lsoftmax.torch.functional import check_inputs
-
+    # labels, margin and lambda).
     check_inputs(x, weight, None)
 
 
@@ -196,6 +209,103 @@ def _margin_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
 margin_linear.register_autograd(_margin_backward, setup_context=_margin_setup)
 
 
+# --- lsoftmax::margin_family_* -----------------------------------------------------------------
+
+
+@torch.library.custom_op("lsoftmax::margin_family_backward", mutates_args=())
+def margin_family_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor | None,
+    lam: Tensor,
+    kind: str,
+    params: list[float],
+) -> tuple[Tensor, Tensor]:
+    return _family.backward(grad, x, weight, labels, _lam_arg(lam, grad), kind, params)
+
+
+@margin_family_backward.register_fake
+def _(grad, x, weight, labels, lam, kind, params):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        weight, memory_format=torch.contiguous_format
+    )
+
+
+# Its own backward (a second derivative) is not written: the same clear error as the others.
+margin_family_backward.register_autograd(_no_double_backward, setup_context=_no_setup)
+
+
+def _family_grads(ctx: Any, grad: Tensor, lam: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    x, weight, labels = ctx.saved_tensors[:3]
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_x or need_w):
+        return None, None
+    grad_x, grad_w = torch.ops.lsoftmax.margin_family_backward(
+        grad, x, weight, labels if ctx.has_labels else None, lam, ctx.kind, ctx.params
+    )
+    return (grad_x if need_x else None), (grad_w if need_w else None)
+
+
+@torch.library.custom_op("lsoftmax::margin_family_linear", mutates_args=())
+def margin_family_linear(
+    x: Tensor, weight: Tensor, labels: Tensor | None, lam: float, kind: str, params: list[float]
+) -> Tensor:
+    _check_pair(x, weight)
+    return _family.forward(x, weight, labels, lam, kind, params)
+
+
+@margin_family_linear.register_fake
+def _(x, weight, labels, lam, kind, params):  # type: ignore[no-untyped-def]
+    return _fake_logits(x, weight)
+
+
+def _family_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, labels, lam, kind, params = inputs
+    ctx.has_labels = labels is not None
+    ctx.save_for_backward(x, weight, labels)
+    ctx.lam, ctx.kind, ctx.params = lam, kind, params
+
+
+def _family_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    lam = torch.tensor(ctx.lam, dtype=torch.float64)
+    return (*_family_grads(ctx, grad, lam), None, None, None, None)
+
+
+margin_family_linear.register_autograd(_family_backward, setup_context=_family_setup)
+
+
+@torch.library.custom_op("lsoftmax::margin_family_scheduled", mutates_args=())
+def margin_family_scheduled(
+    x: Tensor, weight: Tensor, labels: Tensor, lam: Tensor, kind: str, params: list[float]
+) -> Tensor:
+    _check_pair(x, weight)
+    if lam.numel() != 1:
+        raise ValueError(f"lam must be a 0-d tensor, got shape {tuple(lam.shape)}")
+    return _family.forward(x, weight, labels, _lam_arg(lam, x), kind, params)
+
+
+@margin_family_scheduled.register_fake
+def _(x, weight, labels, lam, kind, params):  # type: ignore[no-untyped-def]
+    return _fake_logits(x, weight)
+
+
+def _family_scheduled_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, labels, lam, kind, params = inputs
+    ctx.has_labels = True
+    ctx.save_for_backward(x, weight, labels, lam)
+    ctx.kind, ctx.params = kind, params
+
+
+def _family_scheduled_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    return (*_family_grads(ctx, grad, ctx.saved_tensors[3]), None, None, None, None)
+
+
+margin_family_scheduled.register_autograd(
+    _family_scheduled_backward, setup_context=_family_scheduled_setup
+)
+
+
 # --- lsoftmax::schedule_lambda ------------------------------------------------------------------
 
 
@@ -203,23 +313,7 @@ margin_linear.register_autograd(_margin_backward, setup_context=_margin_setup)
 def schedule_lambda(step: Tensor, kind: str, params: list[float]) -> Tensor:
     if step.device.type == "cuda":
         return _kernels.schedule_lambda_cuda(step, kind, params)
-    it = int(step.item())
-    if kind == "exponential":
-        base, gamma, power, lambda_min, iteration = params
-        value = _core.exponential_lambda(base, gamma, power, lambda_min, int(iteration), it)
-    elif kind == "scaled":
-        beta, scale, beta_min = params
-        value = _core.scaled_lambda(beta, scale, beta_min, it)
-    elif kind == "constant":
-        (value,) = params
-    elif kind == "stepup":
-        start, gamma, every, max_value = params
-        value = _core.stepup_value(start, gamma, int(every), max_value, it)
-    elif kind == "onset":
-        total, reach, at, warmup, base, lambda_min = params
-        value = _core.onset_lambda(int(total), reach, at, warmup, base, lambda_min, it)
-    else:
-        raise ValueError(f"unknown schedule kind {kind!r}")
+    value = _core.schedule_value(kind, params, int(step.item()))
     return torch.tensor(value, dtype=torch.float64)
 
 
