@@ -12,12 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import TOL
 from reference import angle_rows, family_reference, max_rel_err
 
 from lsoftmax import core, margins
 from lsoftmax.margins import ArcFace, CosFace, LSoftmax, SphereFace
-
-PARITY = {np.float64: 1e-10, np.float32: 1e-5}
 
 #: One spec per kind and branch, with the reference's parameter names.
 SPECS: list[tuple[margins.Margin, dict[str, Any]]] = [
@@ -80,7 +79,7 @@ def test_numpy_api_matches_reference(
     logits = core.forward(xs, ws, y, margin=spec, lam=lam)
     gx, gw = core.backward(gs, xs, ws, y, margin=spec, lam=lam)
     assert logits.dtype == gx.dtype == gw.dtype == dtype
-    tol = PARITY[dtype]
+    tol = TOL[dtype]
     assert max_rel_err(logits, ref) <= tol
     assert max_rel_err(gx, ref_gx) <= tol
     assert max_rel_err(gw, ref_gw) <= tol

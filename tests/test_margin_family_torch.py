@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TOL, needs_torch_cuda
 from reference import family_reference, max_rel_err
 from test_margin_family import IDS, SPECS, case
 
@@ -17,8 +18,6 @@ from lsoftmax.schedules import Constant
 from lsoftmax.torch import LSoftmaxLinear, MarginLinear
 from lsoftmax.torch.functional import margin_logits
 from lsoftmax.torch.ops import DOUBLE_BACKWARD_ERROR
-
-PARITY = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -35,7 +34,7 @@ def test_margin_logits_match_reference(spec: Any, params: dict[str, Any], dtype:
     wr = w.detach().double().requires_grad_(True)
     ref = family_reference(xr, wr, labels, spec.kind, params, lam)
     rgx, rgw = torch.autograd.grad(ref, (xr, wr), grad.double())
-    tol = PARITY[dtype]
+    tol = TOL[dtype]
     assert out.dtype == dtype
     assert max_rel_err(out.detach(), ref.detach()) <= tol
     assert max_rel_err(gx, rgx) <= tol
@@ -191,3 +190,45 @@ def test_opcheck() -> None:
         (x, w, y, 0.0, "arcface", ArcFace(0.5, 8.0).params()),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
+
+
+# --- CUDA (skipped without a GPU) --------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_torch_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("spec", "params"), SPECS, ids=IDS)
+def test_cuda_matches_reference(spec: Any, params: dict[str, Any], dtype: Any) -> None:
+    from lsoftmax import _core
+    from lsoftmax.torch._kernels import _mat, _vec
+
+    x64, w64, labels = case()
+    lam = 0.7 if spec.uses_lambda else 0.0
+    grad = torch.randn(x64.shape[0], w64.shape[0], generator=torch.Generator().manual_seed(3))
+    x = x64.to(dtype).cuda().requires_grad_(True)
+    w = w64.to(dtype).cuda().requires_grad_(True)
+    out = margin_logits(x, w, labels.cuda(), spec, lam)
+    gx, gw = torch.autograd.grad(out, (x, w), grad.to(dtype).cuda())
+    xr = x.detach().cpu().double().requires_grad_(True)
+    wr = w.detach().cpu().double().requires_grad_(True)
+    ref = family_reference(xr, wr, labels, spec.kind, params, lam)
+    rgx, rgw = torch.autograd.grad(ref, (xr, wr), grad.double())
+    tol = TOL[dtype]
+    assert max_rel_err(out.detach().cpu(), ref.detach()) <= tol
+    assert max_rel_err(gx.cpu(), rgx) <= tol
+    assert max_rel_err(gw.cpu(), rgw) <= tol
+    # The raw-input device forward (the ONNX Runtime CUDA EP's entry point) on the plain logits.
+    plain = margin_logits(x.detach(), w.detach(), None, spec).contiguous()
+    y = labels.cuda()
+    _core.cuda_margin_family_forward_(
+        _mat("logits", plain),
+        _mat("x", x.detach()),
+        _mat("weight", w.detach()),
+        _vec(y),
+        spec.kind,
+        spec.params(),
+        lam,
+        stream=torch.cuda.current_stream().cuda_stream,
+    )
+    assert max_rel_err(plain.cpu(), ref.detach()) <= tol
