@@ -7,6 +7,7 @@ in docs/architecture.md, "The margin family"):
 - :class:`SphereFace` ``(m)``: A-Softmax, the same psi with normalized weights (``|x| cos``);
 - :class:`CosFace` ``(m, s)``: ``s (cos theta - m)`` on normalized features and weights;
 - :class:`ArcFace` ``(m, s, easy_margin)``: ``s cos(theta + m)`` (m in radians);
+- :class:`Combined` ``(m1, m2, m3, s)``: insightface's ``s (cos(m1 theta + m2) - m3)``.
 
 The specs are frozen dataclasses, checked on construction by the C++ core's rule (the one home
 of the ranges and messages, shared with the torch op and the ONNX Runtime kernels).
@@ -29,6 +30,7 @@ from lsoftmax.schedules import Constant, Exponential, Schedule
 
 __all__ = [
     "ArcFace",
+    "Combined",
     "CosFace",
     "LSoftmax",
     "Margin",
@@ -149,7 +151,30 @@ class ArcFace(Margin):
     easy_margin: bool = False
 
 
-_KINDS: dict[str, type[Margin]] = {c.kind: c for c in (LSoftmax, SphereFace, CosFace, ArcFace)}
+@dataclass(frozen=True)
+class Combined(Margin):
+    """insightface's combined margin: ``s (cos(m1 theta + m2) - m3)``; m1 > 0, m2 (radians) and
+    m3 finite, s > 0. ``Combined(1, m, 0, s)`` is ArcFace without its fallback, and
+    ``Combined(1, 0, m, s)`` is CosFace."""
+
+    kind: ClassVar[str] = "combined"
+    normalizes_features: ClassVar[bool] = True
+    normalizes_weights: ClassVar[bool] = True
+    _attrs: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("m1", "m1"),
+        ("m2", "m2"),
+        ("m3", "m3"),
+        ("scale", "s"),
+    )
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    s: float = 64.0
+
+
+_KINDS: dict[str, type[Margin]] = {
+    c.kind: c for c in (LSoftmax, SphereFace, CosFace, ArcFace, Combined)
+}
 
 
 def kind_class(kind: str) -> type[Margin]:

@@ -186,6 +186,8 @@ def family_reference(
             phi = torch.where(c > 0, arc, c)
         else:
             phi = torch.where(theta + m <= math.pi, arc, c - m * math.sin(m))
+    elif kind == "combined":
+        phi = torch.cos(params["m1"] * theta + params["m2"]) - params["m3"]
     else:
         raise ValueError(f"unknown kind {kind!r}")
     out = logits.clone()

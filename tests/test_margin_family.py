@@ -16,7 +16,7 @@ from conftest import TOL
 from reference import angle_rows, family_reference, max_rel_err
 
 from lsoftmax import core, margins
-from lsoftmax.margins import ArcFace, CosFace, LSoftmax, SphereFace
+from lsoftmax.margins import ArcFace, Combined, CosFace, LSoftmax, SphereFace
 
 #: One spec per kind and branch, with the reference's parameter names.
 SPECS: list[tuple[margins.Margin, dict[str, Any]]] = [
@@ -25,8 +25,9 @@ SPECS: list[tuple[margins.Margin, dict[str, Any]]] = [
     (CosFace(0.35, 30.0), {"m": 0.35, "s": 30.0}),
     (ArcFace(0.5, 30.0), {"m": 0.5, "s": 30.0}),
     (ArcFace(0.5, 30.0, easy_margin=True), {"m": 0.5, "s": 30.0, "easy_margin": True}),
+    (Combined(0.9, 0.4, 0.15, 30.0), {"m1": 0.9, "m2": 0.4, "m3": 0.15, "s": 30.0}),
 ]
-IDS = ["lsoftmax", "sphereface", "cosface", "arcface", "arcface-easy"]
+IDS = ["lsoftmax", "sphereface", "cosface", "arcface", "arcface-easy", "combined"]
 
 
 def case(n: int = 7, d: int = 5, c: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -135,7 +136,14 @@ def test_spec_fields_and_round_trip() -> None:
     assert spec.attributes() == {"kind": "arcface", "margin": 0.5, "scale": 64.0, "easy_margin": 0}
     assert SphereFace(np.int64(2)).attributes() == {"kind": "sphereface", "margin": 2.0}
     assert CosFace(1, 2).to_dict() == {"kind": "cosface", "m": 1.0, "s": 2.0}
-    for spec in (LSoftmax(), SphereFace(), CosFace(), ArcFace(easy_margin=True)):
+    assert Combined(1, 0.5, 0, 64).attributes() == {
+        "kind": "combined",
+        "m1": 1.0,
+        "m2": 0.5,
+        "m3": 0.0,
+        "scale": 64.0,
+    }
+    for spec in (LSoftmax(), SphereFace(), CosFace(), ArcFace(easy_margin=True), Combined()):
         assert margins.margin_from_dict(spec.to_dict()) == spec
     assert isinstance(LSoftmax(np.int32(2)).m, int)
 
@@ -162,6 +170,8 @@ def test_default_schedules() -> None:
         (lambda: ArcFace(math.nan), ValueError, r"arcface margin m must be in \[0, pi\)"),
         (lambda: ArcFace(0.5, math.inf), ValueError, "arcface scale s must be a finite number"),
         (lambda: ArcFace(easy_margin=1), TypeError, "easy_margin must be a bool, got int"),
+        (lambda: Combined(m1=0.0), ValueError, "combined margin m1 must be a finite number > 0"),
+        (lambda: Combined(m3=math.inf), ValueError, "combined margin m3 must be finite"),
         (lambda: margins.margin_from_dict({"kind": "nope"}), ValueError, "unknown margin kind"),
         (lambda: margins.margin_from_dict({"kind": "cosface", "q": 1}), ValueError, "'q'"),
     ],

@@ -38,6 +38,7 @@ struct KindName {
 constexpr KindName kKindNames[kMarginKinds] = {
     {MarginKind::kLSoftmax, "lsoftmax"}, {MarginKind::kSphereFace, "sphereface"},
     {MarginKind::kCosFace, "cosface"},   {MarginKind::kArcFace, "arcface"},
+    {MarginKind::kCombined, "combined"},
 };
 
 std::string kind_list() {
@@ -88,6 +89,13 @@ Status validate_margin_spec(const MarginSpec& spec, double lambda) {
   }
   if (spec.kind == MarginKind::kArcFace && !(spec.margin >= 0.0 && spec.margin < kPi)) {
     return bad("arcface margin m must be in [0, pi) (radians)", spec.margin);
+  }
+  if (spec.kind == MarginKind::kCombined) {
+    if (!(std::isfinite(spec.m1) && spec.m1 > 0.0)) {
+      return bad("combined margin m1 must be a finite number > 0", spec.m1);
+    }
+    if (!std::isfinite(spec.m2)) return bad("combined margin m2 must be finite", spec.m2);
+    if (!std::isfinite(spec.m3)) return bad("combined margin m3 must be finite", spec.m3);
   }
   if (props.scaled && !(std::isfinite(spec.scale) && spec.scale > 0.0)) {
     return bad(kind + " scale s must be a finite number > 0", spec.scale);

@@ -11,6 +11,7 @@
 //   arcface     s cos theta_j             s              cos(theta + m); c - m sin m where
 //                                                        theta + m > pi (c < cos(pi - m));
 //                                                        easy_margin: c where c <= 0
+//   combined    s cos theta_j             s              cos(m1 theta + m2) - m3
 //
 // psi_m(theta) = (-1)^k cos(m theta) - 2k (margin_math.h). Adding a kind: a MarginKind value,
 // its row in margin_target() and kind_properties(), its parameter rule in validate_margin_spec()
@@ -29,10 +30,11 @@ enum class MarginKind : int {
   kSphereFace = 1,
   kCosFace = 2,
   kArcFace = 3,
+  kCombined = 4,
 };
 
 // The number of kinds; MarginKind values are 0..kMarginKinds-1.
-constexpr int kMarginKinds = 4;
+constexpr int kMarginKinds = 5;
 
 // A margin specification: the kind and its float parameters, in the layout of the torch op's
 // `params` and the ONNX attributes: [margin, m1, m2, m3, scale, easy_margin]. Entries a kind
@@ -63,7 +65,8 @@ LSOFTMAX_HD KindProperties kind_properties(MarginKind kind) {
     case MarginKind::kLSoftmax: return KindProperties{true, false, false, false};
     case MarginKind::kSphereFace: return KindProperties{true, false, true, false};
     case MarginKind::kCosFace:
-    case MarginKind::kArcFace: return KindProperties{false, true, true, true};
+    case MarginKind::kArcFace:
+    case MarginKind::kCombined: return KindProperties{false, true, true, true};
   }
   return KindProperties{false, false, false, false};
 }
@@ -125,6 +128,8 @@ LSOFTMAX_HD TargetTerms<T> margin_target(const MarginSpec& spec, T c, T lam,
       }
       return detail::shifted_cos(c, 1.0, m, 0.0);
     }
+    case MarginKind::kCombined:
+      return detail::shifted_cos(c, spec.m1, spec.m2, spec.m3);
   }
   return TargetTerms<T>{c, T(1)};
 }
