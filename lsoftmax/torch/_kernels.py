@@ -374,7 +374,9 @@ def margin_family_targets(
         c = c.float()
     c = c.contiguous()
     if c.device.type == "cpu":
-        phi, dphi = _core.margin_family_targets(kind, params, _host_lambda(lam), c.numpy())
+        phi, dphi = _core.margin_family_targets(
+            kind, params, _host_lambda(lam), c.numpy(), torch_pool=TORCH_OPS
+        )
         return torch.from_numpy(phi), torch.from_numpy(dphi)
     if c.device.type != "cuda":
         _unsupported(c)

@@ -11,6 +11,7 @@
 
 #include "array_views.h"
 #include "bindings.h"
+#include "caller_pool.h"
 #include "cuda_args.h"
 #include "scalar_args.h"
 #include "../src/checks.h"
@@ -56,7 +57,8 @@ std::vector<double> margin_params_py(const std::string& kind, py::object margin,
 }
 
 py::tuple targets_py(const std::string& kind, const std::vector<double>& params,
-                     py::object lam_obj, py::array cos_in) {
+                     py::object lam_obj, py::array cos_in, bool torch_pool) {
+  require_torch_pool(torch_pool);
   const MarginSpec spec = margin_spec_of(kind, params);
   const double lam = real_arg("lam", lam_obj);
   const FloatKind fk = float_kind("cos_theta", cos_in);
@@ -69,6 +71,7 @@ py::tuple targets_py(const std::string& kind, const std::vector<double>& params,
     Status s;
     {
       py::gil_scoped_release release;
+      const CallerPool pool(torch_pool);
       s = margin_family_targets<T>(spec, lam, c.data(), n, phi.mutable_data(),
                                    dphi.mutable_data());
     }
@@ -211,9 +214,10 @@ void bind_family(py::module_& m) {
   }, py::arg("kind"), py::arg("params"), py::arg("lam") = 0.0,
      "The core's rule for a spec given as its kind and flat params (ValueError naming it).");
   m.def("margin_family_targets", &targets_py, py::arg("kind"), py::arg("params"), py::arg("lam"),
-        py::arg("cos_theta"),
+        py::arg("cos_theta"), py::arg("torch_pool") = false,
         "(phi, dphi): the kind's target function phi(c) and its derivative at each cosine c "
-        "(clamped to [-1, 1]); the margin target logit of a row is a_i * phi(c_i).");
+        "(clamped to [-1, 1]); the margin target logit of a row is a_i * phi(c_i). "
+        "torch_pool: run the loop on torch's intra-op pool (lsoftmax.torch's calls).");
   m.def("margin_family_forward_", &family_forward_py, py::arg("logits"), py::arg("x"),
         py::arg("weight"), py::arg("labels"), py::arg("kind"), py::arg("params"), py::arg("lam"),
         "In place: logits holds the kind's plain logits of the RAW x and weight; the target "
