@@ -347,6 +347,8 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple, dict]]:
     ):
         monkeypatch.setattr(_core, name, lambda *a, _n=name, **k: calls.append((_n, a, k)))
     monkeypatch.setattr(_core, "cuda_lgm_backward_workspace_size", lambda n, c, d, dv: 512 + n)
+    # A build without CUDA raises from every cuda_* entry, the size queries included.
+    monkeypatch.setattr(_core, "cuda_lgm_class_terms_bytes", lambda c: 24 * c)
     lgm_mod._cuda_workspace_bytes.cache_clear()
     yield calls
     lgm_mod._cuda_workspace_bytes.cache_clear()
