@@ -1,4 +1,4 @@
-"""Caffe (BVLC, the L-Softmax fork, the L-GM fork) -> ``ConvertedNet``.
+"""Caffe (BVLC, the L-Softmax, SphereFace and L-GM forks) -> ``ConvertedNet``.
 
 The prototxt gives the graph (filtered by phase), the caffemodel the weights, matched by layer
 name (the caffemodel is a snapshot of the TRAIN net, so TEST-only layers find their weights
@@ -535,16 +535,40 @@ class _Converter:
         return layer
 
     def large_margin(self, layer: CaffeLayer) -> None:
-        from lsoftmax.schedules import Exponential
         from lsoftmax.torch import LSoftmaxLinear
 
+        self._margin_head(layer, "largemargin_inner_product_param", LSoftmaxLinear)
+
+    def margin_inner_product(self, layer: CaffeLayer) -> None:
+        """SphereFace's A-Softmax layer: L-Softmax's psi on normalized weights (the layer
+        normalizes its weight blob in place on every forward), the same lambda schedule."""
+        from lsoftmax.margins import SphereFace
+
+        from lsoftmax.torch import MarginLinear
+
+        self._margin_head(
+            layer,
+            "margin_inner_product_param",
+            lambda k, n, m, sch: MarginLinear(k, n, margin=SphereFace(m), schedule=sch),
+        )
+
+    def _margin_head(
+        self,
+        layer: CaffeLayer,
+        param_name: str,
+        make_head: Callable[[int, int, int, Any], nn.Module],
+    ) -> None:
+        """LargeMarginInnerProduct and MarginInnerProduct: one weight blob (num_output, K), no
+        bias, type SINGLE..QUADRUPLE = margin 1..4, Caffe's Exponential lambda schedule."""
+        from lsoftmax.schedules import Exponential
+
         self.check_bottoms(layer, 1)
-        p = layer.param("largemargin_inner_product_param")
+        p = layer.param(param_name)
         n, axis = int(p.num_output), int(p.axis)
         if n < 1:
             _fail(self.path, layer, "num_output must be positive")
         train = self._train_copy(layer) if self.phase == PHASES["test"] else layer
-        tp = train.param("largemargin_inner_product_param")
+        tp = train.param(param_name)
         margin = int(tp.type) + 1
         try:
             schedule = Exponential(
@@ -561,7 +585,7 @@ class _Converter:
         k = self.inner_size(layer, shape, axis, blobs, n)
         self.budget(layer, [(n, k)], blobs)
         try:
-            head = LSoftmaxLinear(k, n, margin, schedule)
+            head = make_head(k, n, margin, schedule)
         except (ValueError, TypeError) as e:
             _fail(self.path, train, str(e))
         if blobs is not None:
@@ -747,6 +771,7 @@ class _Converter:
             "Concat": self.concat,
             "Softmax": self.softmax,
             "LargeMarginInnerProduct": self.large_margin,
+            "MarginInnerProduct": self.margin_inner_product,
             "ClassDistance": self.class_distance,
         }
 
@@ -769,6 +794,7 @@ SUPPORTED_TYPES = (
     "Concat",
     "Softmax",
     "LargeMarginInnerProduct",
+    "MarginInnerProduct",
     "ClassDistance",
     *DATA_TYPES,
     *DROPPED_TYPES,

@@ -167,13 +167,19 @@ def caffe_transform(x: np.ndarray, p: Any, mean_image: np.ndarray | None = None)
 
 
 def caffe_forward(
-    net: Any, inputs: dict[str, np.ndarray], phase: str = "test"
+    net: Any,
+    inputs: dict[str, np.ndarray],
+    phase: str = "test",
+    margin_iter: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Run a NetParameter (prototxt or caffemodel message with blobs) in numpy; returns blobs.
 
     Loss/accuracy layers are skipped; L-Softmax heads give the test-time plain logits (also
     for ``phase="train"``, which only selects layers, e.g. of a caffemodel: a TRAIN snapshot);
-    L-GM heads give Caffe's ClassDistance logits (no log-determinant).
+    L-GM heads give Caffe's ClassDistance logits (no log-determinant). SphereFace heads
+    (MarginInnerProduct) give ``x . w_j / |w_j|``, and with ``margin_iter`` (the layer's
+    ``iter_`` after its increment) the A-Softmax logits for the label blob, by
+    ``margin_inner_product``.
     """
     blobs = {k: v.astype(np.float64) for k, v in inputs.items()}
     layers = list(net.layer) if len(net.layer) else list(net.layers)
@@ -221,6 +227,14 @@ def caffe_forward(
             y = xf @ wm.T + (w[1].ravel() if p.bias_term else 0.0)
         elif ltype == "LargeMarginInnerProduct":
             y = x.reshape(x.shape[0], -1) @ w[0].reshape(-1, x[0].size).T
+        elif ltype == "MarginInnerProduct":
+            p = layer.margin_inner_product_param
+            xf = x.reshape(x.shape[0], -1)
+            wm = w[0].reshape(-1, xf.shape[1])
+            if margin_iter is None:
+                y = xf @ (wm / np.linalg.norm(wm, axis=1, keepdims=True)).T
+            else:
+                y = margin_inner_product(xf, wm, blobs[layer.bottom[1]], p, margin_iter)
         elif ltype == "ClassDistance":
             p = layer.class_distance_param
             f = x.reshape(x.shape[0], -1)
@@ -277,6 +291,38 @@ def caffe_forward(
         for top in layer.top:
             blobs[top] = y
     return blobs
+
+
+def margin_inner_product(
+    x: np.ndarray, w: np.ndarray, label: np.ndarray, p: Any, it: int
+) -> np.ndarray:
+    """SphereFace's MarginInnerProductLayer::Forward_cpu in float64, step by step: weight rows
+    normalized, lambda = max(lambda_min, base (1 + gamma it)^-power), the target logit
+    |x| (sign-selected Chebyshev polynomial) blended as (lambda x.w + that) / (1 + lambda), with
+    the layer's sign_0..sign_4 formulas for DOUBLE..QUADRUPLE."""
+    lam = max(p.lambda_min, p.base * (1.0 + p.gamma * it) ** (-p.power))
+    w = w / np.sqrt((w * w).sum(axis=1, keepdims=True))
+    x_norm = np.sqrt((x * x).sum(axis=1))
+    plain = x @ w.T
+    cos = plain / x_norm[:, None]
+    sign0 = np.sign(cos)
+    out = plain.copy()
+    for i, lab in enumerate(label.astype(np.int64).ravel()):
+        c, s0 = cos[i, lab], sign0[i, lab]
+        if p.type == 0:  # SINGLE
+            continue
+        if p.type == 1:  # DOUBLE: |x| (2 sign_0 c^2 - 1)
+            t = 2.0 * s0 * c**2 - 1.0
+        elif p.type == 2:  # TRIPLE: |x| (sign_1 (4c^3 - 3c) + sign_2)
+            s1 = np.sign(abs(c) - 0.5)
+            s2 = s0 * (1.0 + s1) - 2.0
+            t = s1 * (4.0 * c**3 - 3.0 * c) + s2
+        else:  # QUADRUPLE: |x| (sign_3 (8c^4 - 8c^2 + 1) + sign_4)
+            s3 = s0 * np.sign(2.0 * c**2 - 1.0)
+            s4 = 2.0 * s0 + s3 - 3.0
+            t = s3 * (8.0 * c**4 - 8.0 * c**2 + 1.0) + s4
+        out[i, lab] = (x_norm[i] * t + lam * plain[i, lab]) / (1.0 + lam)
+    return out
 
 
 # ---- MXNet interpreter over a symbol JSON + params --------------------------------------
