@@ -13,7 +13,7 @@ reference. When a model holds nodes of several such variants, each gets its own 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import onnx
 from lsoftmax.exporters.domain import DOMAIN, DOMAIN_VERSION
@@ -24,13 +24,21 @@ from lsoftmax.exporters.lgm import (
     LGM_INPUTS,
     LGM_OUTPUTS,
 )
+from lsoftmax.exporters.margin_family import (
+    MARGIN_LINEAR,
+    MARGIN_LINEAR_DEFAULTS,
+    MARGIN_LINEAR_INPUTS,
+    MARGIN_LINEAR_SPECIALIZED,
+    plain_variant,
+)
 from lsoftmax.exporters.portable import BUILDERS, AttrRef, NodeBuilder
 from lsoftmax.exporters.translations import LSOFTMAX_LINEAR_DEFAULT_LAMBDA
 from onnx import helper
 
 __all__ = ["attach_functions", "custom_nodes", "inline_portable"]
 
-# op_type -> (input names, required attributes, attribute defaults): the function signature.
+# op_type -> (input names, attributes without defaults, attribute defaults): the function
+# signature. The attributes without defaults are the ones a body is specialized on.
 _SIGNATURES: dict[str, tuple[list[str], list[str], dict[str, float]]] = {
     "LSoftmaxLinear": (
         ["X", "W", "labels"],
@@ -46,14 +54,26 @@ _SIGNATURES: dict[str, tuple[list[str], list[str], dict[str, float]]] = {
             "include_logdet": LGM_DEFAULT_INCLUDE_LOGDET,
         },
     ),
+    MARGIN_LINEAR: (
+        MARGIN_LINEAR_INPUTS,
+        list(MARGIN_LINEAR_SPECIALIZED),
+        {name: float(MARGIN_LINEAR_DEFAULTS[name]) for name in ("lambda", "lambda_lo")},
+    ),
 }
 # Ops with several outputs (their builders take the list of output names); others output "Y".
 _OUTPUTS: dict[str, list[str]] = {"LGMLogits": LGM_OUTPUTS}
 # The last input of every signature is the optional one (labels).
 # Attributes a body is specialized on (baked in), per op_type.
-_SPECIALIZED: dict[str, tuple[str, ...]] = {"LSoftmaxLinear": ("margin",)}
-# The specialization that stands for every variant without labels (margin 1: plain logits).
-_PLAIN_SPEC: dict[str, tuple[object, ...]] = {"LSoftmaxLinear": (1,)}
+_SPECIALIZED: dict[str, tuple[str, ...]] = {
+    "LSoftmaxLinear": ("margin",),
+    MARGIN_LINEAR: MARGIN_LINEAR_SPECIALIZED,
+}
+# The specialized attributes that stand for every variant without labels (LSoftmaxLinear:
+# margin 1, the plain logits; MarginLinear: one per normalization and scale).
+_PLAIN_SPEC: dict[str, Callable[[dict[str, object]], dict[str, object]]] = {
+    "LSoftmaxLinear": lambda attrs: {"margin": 1},
+    MARGIN_LINEAR: plain_variant,
+}
 
 
 def custom_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -75,13 +95,13 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 def _variant(node: onnx.NodeProto) -> tuple[str, tuple[object, ...], bool]:
     attrs = _attrs(node)
-    spec = tuple(attrs.get(name) for name in _SPECIALIZED.get(node.op_type, ()))
     n = len(_SIGNATURES[node.op_type][0])
     has_optional = len(node.input) >= n and bool(node.input[n - 1])
     if not has_optional and node.op_type in _PLAIN_SPEC:
         # Without labels every margin gives the plain logits: one body (and no overloads, which
         # onnx's ReferenceEvaluator ignores) for all of them.
-        spec = _PLAIN_SPEC[node.op_type]
+        attrs = _PLAIN_SPEC[node.op_type](attrs)
+    spec = tuple(attrs.get(name) for name in _SPECIALIZED.get(node.op_type, ()))
     return node.op_type, spec, has_optional
 
 
@@ -90,7 +110,9 @@ def _make_function(
 ) -> onnx.FunctionProto:
     inputs, required, defaults = _SIGNATURES[op_type]
     b = NodeBuilder()
-    attrs: dict[str, object] = dict(zip(_SPECIALIZED.get(op_type, ()), spec, strict=True))
+    attrs: dict[str, object] = {
+        k: v for k, v in zip(_SPECIALIZED.get(op_type, ()), spec, strict=True) if v is not None
+    }
     for name in defaults:
         attrs[name] = AttrRef(name)
     used_inputs: list[str | None] = list(inputs) if has_labels else [*inputs[:-1], None]
@@ -116,7 +138,9 @@ def _make_function(
     return fn
 
 
-def _overload_name(spec: tuple[object, ...], has_labels: bool) -> str:
+def _overload_name(spec: tuple[object, ...], has_labels: bool, index: int) -> str:
+    if not all(isinstance(v, int) for v in spec):  # MarginLinear: kinds and floats
+        return f"v{index}_" + ("labels" if has_labels else "plain")
     parts = [f"m{v}" for v in spec] + ["labels"] if has_labels else ["plain"]
     return "_".join(parts)
 
@@ -133,8 +157,8 @@ def attach_functions(model: onnx.ModelProto) -> int:
     for op_type, _, _ in variants:
         per_op[op_type] = per_op.get(op_type, 0) + 1
     need_overloads = any(n > 1 for n in per_op.values())
-    for (op_type, spec, has_labels), nodes in variants.items():
-        overload = _overload_name(spec, has_labels) if per_op[op_type] > 1 else ""
+    for index, ((op_type, spec, has_labels), nodes) in enumerate(variants.items()):
+        overload = _overload_name(spec, has_labels, index) if per_op[op_type] > 1 else ""
         model.functions.append(_make_function(op_type, spec, has_labels, opset, overload))
         for node in nodes:
             while node.input and not node.input[-1]:  # an omitted optional input spelled ""

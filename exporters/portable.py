@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from lsoftmax.exporters.lgm import build_lgm_logits
+from lsoftmax.exporters.margin_family import MARGIN_LINEAR, build_margin_linear
 from onnx import helper, numpy_helper
 
 from lsoftmax import _core
 
-__all__ = ["BUILDERS", "AttrRef", "NodeBuilder", "build_lsoftmax_linear"]
+__all__ = ["BUILDERS", "AttrRef", "NodeBuilder", "build_lsoftmax_linear", "psi_float64"]
 
 # Norms below sqrt(FLT_MIN) make a row degenerate (no margin), as in the core's float path.
 # The core uses sqrt(DBL_MIN) for float64; only rows with norms in between (~1e-154..1e-19)
@@ -83,12 +84,15 @@ def build_lsoftmax_linear(
     inputs: Sequence[str | None],
     output: str,
     attrs: Mapping[str, object],
+    lam_tensor: Callable[[str], str] | None = None,
 ) -> None:
     """``LSoftmaxLinear(X[N,D], W[C,D], labels[N]?) -> Y[N,C]`` in standard ops.
 
     ``attrs``: ``margin`` (int) and ``lambda`` (float or ``AttrRef``). Without labels, or with
     margin 1, this is one Gemm; otherwise the target logit of each row becomes
     ``(lambda f + |x||w| psi(c)) / (1 + lambda)`` with ``psi = (-1)^k T_m(c) - 2k``.
+    ``lam_tensor(like)``, when given, makes lambda's tensor instead (MarginLinear's
+    ``lambda + lambda_lo``).
     """
     x, w = inputs[0], inputs[1]
     labels = inputs[2] if len(inputs) > 2 and inputs[2] else None
@@ -123,8 +127,8 @@ def build_lsoftmax_linear(
     # The margin math in float64 whatever the model's type, with O(log m) nodes for any margin
     # (an unrolled recurrence or a table of m - 1 thresholds would grow with m: ~2M nodes at
     # m = 2^20).
-    psi = b.op("CastLike", _psi_float64(b, b.op("Cast", cos, to=_DOUBLE), margin), x)
-    lam_t = b.scalar(lam, x)
+    psi = b.op("CastLike", psi_float64(b, b.op("Cast", cos, to=_DOUBLE), margin), x)
+    lam_t = lam_tensor(x) if lam_tensor is not None else b.scalar(lam, x)
     blended = b.op("Add", b.op("Mul", lam_t, f), b.op("Mul", prod, psi))
     g = b.op("Div", blended, b.op("Add", one, lam_t))
     g = b.op("Where", degenerate, f, g)
@@ -134,7 +138,7 @@ def build_lsoftmax_linear(
 _DOUBLE = onnx.TensorProto.DOUBLE
 
 
-def _psi_float64(b: NodeBuilder, c: str, margin: int) -> str:
+def psi_float64(b: NodeBuilder, c: str, margin: int) -> str:
     """``psi(c) = (-1)^k T_m(c) - 2k`` for a float64 tensor ``c`` of cosines, in float64.
 
     Segment k (theta in [k pi/m, (k+1) pi/m]) is the number of thresholds ``cos(j pi/m)``,
@@ -190,4 +194,5 @@ Builder = Callable[[NodeBuilder, Sequence[str | None], str, Mapping[str, object]
 BUILDERS: dict[str, Builder] = {
     "LSoftmaxLinear": build_lsoftmax_linear,
     "LGMLogits": build_lgm_logits,  # type: ignore[dict-item]  (two outputs: a list of names)
+    MARGIN_LINEAR: build_margin_linear,
 }

@@ -14,6 +14,7 @@ from typing import Any
 import onnx
 from lsoftmax.exporters.domain import DOMAIN, DOMAIN_VERSION, opset, register_schema
 from lsoftmax.exporters.lgm import LGM_TRAINING_ONLY, lgm_logits, lgm_logits_schema
+from lsoftmax.exporters.margin_family import margin_linear_schema
 from onnx.defs import OpSchema
 
 __all__ = ["SCHEMAS", "TRAINING_ONLY", "TRANSLATIONS", "TrainingOpError", "translation_table"]
@@ -82,7 +83,11 @@ def _training_only(message: str) -> Callable[..., Any]:
     return refuse
 
 
-SCHEMAS: list[Callable[[], OpSchema]] = [_lsoftmax_linear_schema, lgm_logits_schema]
+SCHEMAS: list[Callable[[], OpSchema]] = [
+    _lsoftmax_linear_schema,
+    lgm_logits_schema,
+    margin_linear_schema,
+]
 
 # Filled lazily: the torch ops exist only once lsoftmax.torch is imported.
 TRANSLATIONS: dict[str, Callable[..., Any]] = {

@@ -182,7 +182,7 @@ def lgm_node_model(
 
 
 def reference_kernels() -> list[type]:
-    """``new_ops`` for ``onnx.reference.ReferenceEvaluator``: our two ops over the numpy API
+    """``new_ops`` for ``onnx.reference.ReferenceEvaluator``: our ops over the numpy API
     (``lsoftmax.core``, ``lsoftmax.lgm_core``), so the evaluator runs custom-mode files."""
     from onnx.reference.op_run import OpRun
 
@@ -211,4 +211,16 @@ def reference_kernels() -> list[type]:
             )
             return logits.astype(X.dtype), loglik.astype(X.dtype)
 
-    return [LSoftmaxLinear, LGMLogits]
+    class MarginLinear(OpRun):
+        op_domain = "ai.lsoftmax"
+
+        def _run(self, X, W, labels=None, **attrs):  # type: ignore[no-untyped-def]
+            from lsoftmax.exporters.margin_family import margin_from_attributes
+
+            # The evaluator passes every schema attribute, absent ones as None.
+            given = {k: v for k, v in attrs.items() if v is not None}
+            spec, lam = margin_from_attributes(given)
+            y = None if labels is None else labels.astype(np.int64)
+            return (core.forward(X, W, y, margin=spec, lam=lam).astype(X.dtype),)
+
+    return [LSoftmaxLinear, LGMLogits, MarginLinear]
