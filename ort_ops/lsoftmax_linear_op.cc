@@ -98,23 +98,24 @@ OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
   });
 }
 
-OrtStatus* ReadLSoftmaxLinearInputs(Ort::KernelContext& ctx, LSoftmaxLinearInputs* in) {
+OrtStatus* ReadLSoftmaxLinearInputs(Ort::KernelContext& ctx, LSoftmaxLinearInputs* in,
+                                     const char* op) {
   in->x = ctx.GetInput(0);
   in->w = ctx.GetInput(1);
   const std::vector<int64_t> xs = in->x.GetTensorTypeAndShapeInfo().GetShape();
   const std::vector<int64_t> ws = in->w.GetTensorTypeAndShapeInfo().GetShape();
-  if (OrtStatus* bad = check_2d(kLSoftmaxLinear, "X", "(N, D)", xs)) return bad;
-  if (OrtStatus* bad = check_2d(kLSoftmaxLinear, "W", "(C, D)", ws)) return bad;
+  if (OrtStatus* bad = check_2d(op, "X", "(N, D)", xs)) return bad;
+  if (OrtStatus* bad = check_2d(op, "W", "(C, D)", ws)) return bad;
   in->n = xs[0];
   in->d = xs[1];
   in->c = ws[0];
   if (ws[1] != in->d) {
-    return invalid_argument(kLSoftmaxLinear, features_mismatch(in->d, "W", ws[1]) +
-                                                 " (W must be (num_classes, in_features))");
+    return invalid_argument(
+        op, features_mismatch(in->d, "W", ws[1]) + " (W must be (num_classes, in_features))");
   }
   in->labels = optional_input(ctx, 2);
   if (!in->labels) return nullptr;
-  return check_labels_input(kLSoftmaxLinear, in->labels, in->n, &in->label_type);
+  return check_labels_input(op, in->labels, in->n, &in->label_type);
 }
 
 OrtStatus* ReadLSoftmaxLinearAttributes(const OrtKernelInfo* info, int64_t* margin_out,

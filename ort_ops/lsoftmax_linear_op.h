@@ -46,13 +46,15 @@ struct LSoftmaxLinearOp
 };
 
 // One call's inputs after the checks both kernels (CPU and CUDA EP) make, in their order: X
-// (N, D), W (C, D) and the optional labels, int64 or int32 of shape (N,).
+// (N, D), W (C, D) and the optional labels, int64 or int32 of shape (N,). MarginLinear's
+// kernels read the same inputs (messages prefixed with `op`).
 struct LSoftmaxLinearInputs {
   Ort::ConstValue x{nullptr}, w{nullptr}, labels{nullptr};
   int64_t n = 0, d = 0, c = 0;
   ONNXTensorElementDataType label_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 };
-OrtStatus* ReadLSoftmaxLinearInputs(Ort::KernelContext& ctx, LSoftmaxLinearInputs* in);
+OrtStatus* ReadLSoftmaxLinearInputs(Ort::KernelContext& ctx, LSoftmaxLinearInputs* in,
+                                     const char* op = kLSoftmaxLinear);
 
 // Reads and checks the attributes (margin, lambda) for the CPU and CUDA-EP kernels.
 OrtStatus* ReadLSoftmaxLinearAttributes(const OrtKernelInfo* info, int64_t* margin,

@@ -1,6 +1,7 @@
 // Out-of-line parts of ort_utils.h and the debug counter's C entry points.
 #include "ort_utils.h"
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -106,6 +107,39 @@ OrtStatus* read_int_attribute(const OrtKernelInfo* info, const char* op, const c
   if (found) return nullptr;
   const std::string type = attribute_type(info, name);
   return type.empty() ? nullptr : wrong_type(op, name, "an int", type);
+}
+
+OrtStatus* read_string_attribute(const OrtKernelInfo* info, const char* op, const char* name,
+                                 std::string* value, bool* present) {
+  const OrtApi& api = Ort::GetApi();
+  size_t size = 0;
+  OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &size);
+  if (st == nullptr) {
+    std::string buf(size, '\0');
+    Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, name, buf.data(), &size));
+    if (!buf.empty() && buf.back() == '\0') buf.pop_back();  // size counts the terminator
+    *value = buf;
+    if (present) *present = true;
+    return nullptr;
+  }
+  api.ReleaseStatus(st);
+  if (present) *present = false;
+  const std::string type = attribute_type(info, name);
+  return type.empty() ? nullptr : wrong_type(op, name, "a string", type);
+}
+
+OrtStatus* read_split_float_attribute(const OrtKernelInfo* info, const char* op,
+                                      const std::string& name, float fallback, double* value) {
+  float hi = fallback, lo = 0.0f;
+  if (OrtStatus* bad = read_float_attribute(info, op, name.c_str(), &hi)) return bad;
+  const std::string lo_name = name + "_lo";
+  if (OrtStatus* bad = read_float_attribute(info, op, lo_name.c_str(), &lo)) return bad;
+  if (!std::isfinite(lo)) {
+    return invalid_argument(op, "attribute " + lo_name + " must be finite, got " +
+                                    std::to_string(lo));
+  }
+  *value = static_cast<double>(hi) + static_cast<double>(lo);
+  return nullptr;
 }
 
 OrtStatus* check_2d(const char* op, const char* input, const char* dims,

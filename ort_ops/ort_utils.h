@@ -79,6 +79,16 @@ OrtStatus* read_float_attribute(const OrtKernelInfo* info, const char* op, const
 OrtStatus* read_int_attribute(const OrtKernelInfo* info, const char* op, const char* name,
                               int64_t* value, bool* present = nullptr);
 
+// The same for a string attribute.
+OrtStatus* read_string_attribute(const OrtKernelInfo* info, const char* op, const char* name,
+                                 std::string* value, bool* present = nullptr);
+
+// A float64 parameter carried as two float attributes, NAME (its float32 part, default
+// `fallback`) and NAME_lo (the rest, default 0): *value = NAME + NAME_lo in double. A non-finite
+// NAME_lo is an error naming it (NAME itself is checked by the op's rules).
+OrtStatus* read_split_float_attribute(const OrtKernelInfo* info, const char* op,
+                                      const std::string& name, float fallback, double* value);
+
 template <typename T>
 constexpr ONNXTensorElementDataType onnx_type() {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> ||

@@ -14,7 +14,7 @@
 
 #include "ort_utils.h"
 
-#define LSOFTMAX_ORT_CPU_OPS(X) X(LSoftmaxLinearCpuOps) X(LGMLogitsCpuOps)
+#define LSOFTMAX_ORT_CPU_OPS(X) X(LSoftmaxLinearCpuOps) X(LGMLogitsCpuOps) X(MarginLinearCpuOps)
 
 #ifdef LSOFTMAX_WITH_CUDA
 #define LSOFTMAX_ORT_CUDA_OPS(X) X(LSoftmaxLinearCudaOps) X(LGMLogitsCudaOps)
