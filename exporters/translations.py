@@ -14,7 +14,7 @@ from typing import Any
 import onnx
 from lsoftmax.exporters.domain import DOMAIN, DOMAIN_VERSION, opset, register_schema
 from lsoftmax.exporters.lgm import LGM_TRAINING_ONLY, lgm_logits, lgm_logits_schema
-from lsoftmax.exporters.margin_family import margin_linear_schema
+from lsoftmax.exporters.margin_family import margin_family_linear, margin_linear_schema
 from onnx.defs import OpSchema
 
 __all__ = ["SCHEMAS", "TRAINING_ONLY", "TRANSLATIONS", "TrainingOpError", "translation_table"]
@@ -93,6 +93,7 @@ SCHEMAS: list[Callable[[], OpSchema]] = [
 TRANSLATIONS: dict[str, Callable[..., Any]] = {
     "linear": lsoftmax_linear,
     "lgm_logits": lgm_logits,
+    "margin_family_linear": margin_family_linear,
 }
 
 
@@ -101,13 +102,17 @@ def _lsoftmax_training_only(name: str) -> str:
         f"torch.ops.lsoftmax.{name} is a training-only op (its lambda is a tensor that a "
         "schedule changes every step) and cannot be exported to ONNX: call model.eval() "
         "before exporting, or use lsoftmax.torch.functional.lsoftmax_logits(x, weight, "
-        "target, margin, lam) with a float lam for a graph with labels"
+        "target, margin, lam) (any kind: margin_logits(x, weight, target, margin, lam)) with a "
+        "float lam for a graph with labels"
     )
 
 
 # Ops that exist only in training graphs, with the message that refuses their export.
 TRAINING_ONLY: dict[str, str] = {
-    **{name: _lsoftmax_training_only(name) for name in ("margin_linear", "schedule_lambda")},
+    **{
+        name: _lsoftmax_training_only(name)
+        for name in ("margin_linear", "schedule_lambda", "margin_family_scheduled")
+    },
     **LGM_TRAINING_ONLY,
 }
 
