@@ -88,7 +88,7 @@ OrtStatus* ReadMarginLinearAttributes(const OrtKernelInfo* info, MarginLinearAtt
     return bad;
   }
   s = lsoftmax::validate_margin_spec(a.spec, a.lambda);
-  if (!s.ok()) return invalid_argument(kMarginLinear, "attribute " + s.message());
+  if (!s.ok()) return invalid_argument(kMarginLinear, "invalid attributes: " + s.message());
   *out = a;
   return nullptr;
 }

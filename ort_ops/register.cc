@@ -17,7 +17,7 @@
 #define LSOFTMAX_ORT_CPU_OPS(X) X(LSoftmaxLinearCpuOps) X(LGMLogitsCpuOps) X(MarginLinearCpuOps)
 
 #ifdef LSOFTMAX_WITH_CUDA
-#define LSOFTMAX_ORT_CUDA_OPS(X) X(LSoftmaxLinearCudaOps) X(LGMLogitsCudaOps)
+#define LSOFTMAX_ORT_CUDA_OPS(X) X(LSoftmaxLinearCudaOps) X(LGMLogitsCudaOps) X(MarginLinearCudaOps)
 #else
 #define LSOFTMAX_ORT_CUDA_OPS(X)
 #endif
