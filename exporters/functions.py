@@ -38,8 +38,8 @@ from onnx import helper
 __all__ = ["attach_functions", "custom_nodes", "inline_portable"]
 
 # op_type -> (input names, attributes without defaults, attribute defaults): the function
-# signature. The attributes without defaults are the ones a body is specialized on.
-_SIGNATURES: dict[str, tuple[list[str], list[str], dict[str, float]]] = {
+# signature.
+_SIGNATURES: dict[str, tuple[list[str], list[str], dict[str, float | int]]] = {
     "LSoftmaxLinear": (
         ["X", "W", "labels"],
         ["margin"],
@@ -54,11 +54,9 @@ _SIGNATURES: dict[str, tuple[list[str], list[str], dict[str, float]]] = {
             "include_logdet": LGM_DEFAULT_INCLUDE_LOGDET,
         },
     ),
-    MARGIN_LINEAR: (
-        MARGIN_LINEAR_INPUTS,
-        list(MARGIN_LINEAR_SPECIALIZED),
-        {name: float(MARGIN_LINEAR_DEFAULTS[name]) for name in ("lambda", "lambda_lo")},
-    ),
+    # Every optional attribute is declared with its default (a conformant runtime requires a
+    # node to carry each attribute declared without one); the body references only lambda.
+    MARGIN_LINEAR: (MARGIN_LINEAR_INPUTS, ["kind"], dict(MARGIN_LINEAR_DEFAULTS)),
 }
 # Ops with several outputs (their builders take the list of output names); others output "Y".
 _OUTPUTS: dict[str, list[str]] = {"LGMLogits": LGM_OUTPUTS}
@@ -114,7 +112,8 @@ def _make_function(
         k: v for k, v in zip(_SPECIALIZED.get(op_type, ()), spec, strict=True) if v is not None
     }
     for name in defaults:
-        attrs[name] = AttrRef(name)
+        if name not in _SPECIALIZED.get(op_type, ()):
+            attrs[name] = AttrRef(name)
     used_inputs: list[str | None] = list(inputs) if has_labels else [*inputs[:-1], None]
     # A node without labels calls a function without that input: a conformant runtime (onnx's
     # ReferenceEvaluator) requires the node's inputs to match the function's one for one.

@@ -75,7 +75,8 @@ def test_head_is_sphereface_with_the_layer_schedule(net: torch.nn.Module) -> Non
     assert len(heads) == 1
     head = heads[0]
     assert head.margin == SphereFace(4)
-    assert head.schedule == Exponential(1000.0, 0.12, 1.0, 5.0, 0)
+    # Caffe's float32 fields as stored: gamma 0.12 is 0.119999997...
+    assert head.schedule == Exponential(1000.0, float(np.float32(0.12)), 1.0, 5.0, 0)
     row = next(r for r in net.mapping if r.source_name == "fc6")
     assert (row.source_type, row.target) == ("MarginInnerProduct", "MarginLinear")
 

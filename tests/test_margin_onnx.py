@@ -130,24 +130,27 @@ def test_plain_logits_without_labels(name: str, mode: str) -> None:
 
 class Heads(torch.nn.Module):
     """One ``MarginLinear`` head per kind over a shared body: a single torch export covers every
-    kind (eval: plain logits; with a target: the margin logits through ``margin_logits``)."""
+    kind. Eval: the plain logits of each head."""
 
-    def __init__(self, with_labels: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.body = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Tanh())
         self.names = [n for n in SPECS if n != "arcface-easy"]
         self.heads = torch.nn.ModuleList(MarginLinear(D, C, margin=SPECS[n]) for n in self.names)
-        self.with_labels = with_labels
 
-    def forward(self, x: torch.Tensor, *target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = self.body(x)
-        if not self.with_labels:
-            return tuple(h(f) for h in self.heads)
+        return tuple(h(f) for h in self.heads)
+
+
+class HeadsWithLabels(Heads):
+    """The margin logits of each head through ``margin_logits`` (a float lambda)."""
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        f = self.body(x)
         return tuple(
-            margin_logits(
-                f, h.weight, target[0], SPECS[n], lam=LAM if SPECS[n].uses_lambda else 0.0
-            )
+            margin_logits(f, h.weight, target, SPECS[n], lam=LAM if SPECS[n].uses_lambda else 0.0)
             for n, h in zip(self.names, self.heads, strict=True)
         )
 
@@ -158,7 +161,7 @@ def exported_heads(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, tuple
     tmp = tmp_path_factory.mktemp("heads")
     x, _, t = _data(torch.float32, seed=2)
     for with_labels in (False, True):
-        model = Heads(with_labels).eval()
+        model = (HeadsWithLabels() if with_labels else Heads()).eval()
         args = (x, t) if with_labels else (x,)
         out[with_labels] = (model, export_onnx(model, args, tmp / "m.onnx", mode="custom"))
     return out
@@ -207,10 +210,10 @@ def _with(proto: Any, **attrs: Any) -> bytes:
         ("cosface", {"kind": None}, "attribute 'kind' .* is required"),
         ("cosface", {"kind": 3}, "attribute 'kind' must be a string, got an int"),
         ("cosface", {"margin": 2}, "attribute 'margin' must be a float, got an int"),
-        ("cosface", {"scale": -1.0}, "attribute scale must be"),
+        ("cosface", {"scale": -1.0}, "invalid attributes: cosface scale s must be .* > 0, got -1"),
         ("arcface", {"easy_margin": 2}, "attribute easy_margin must be 0 or 1, got 2"),
-        ("lsoftmax", {"margin": 2.5}, "attribute margin must be an integer"),
-        ("sphereface", {"lambda": -1.0}, "attribute lambda must be >= 0"),
+        ("lsoftmax", {"margin": 2.5}, "invalid attributes: margin must be an integer .* got 2.5"),
+        ("sphereface", {"lambda": -1.0}, "invalid attributes: lambda must be >= 0"),
         ("cosface", {"scale_lo": float("nan")}, "attribute scale_lo must be finite"),
     ],
 )
