@@ -60,7 +60,10 @@ def max_rel(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
 
 
-def backends(spec: Any, lam: float) -> dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], Any]]:
+Run = Callable[[np.ndarray, np.ndarray, np.ndarray], Any]
+
+
+def backends(spec: Any, lam: float) -> dict[str, Run]:
     import onnxruntime
     import torch
     from lsoftmax.exporters import finalize
@@ -75,7 +78,7 @@ def backends(spec: Any, lam: float) -> dict[str, Callable[[np.ndarray, np.ndarra
 
     translation_table()  # registers the ai.lsoftmax schemas with onnx
 
-    def onnx_run(mode: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], Any]:
+    def onnx_run(mode: str) -> Run:
         def run(x: np.ndarray, w: np.ndarray, t: np.ndarray) -> Any:
             elem = TensorProto.DOUBLE if x.dtype == np.float64 else TensorProto.FLOAT
             inputs = [

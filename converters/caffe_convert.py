@@ -543,7 +543,6 @@ class _Converter:
         """SphereFace's A-Softmax layer: L-Softmax's psi on normalized weights (the layer
         normalizes its weight blob in place on every forward), the same lambda schedule."""
         from lsoftmax.margins import SphereFace
-
         from lsoftmax.torch import MarginLinear
 
         self._margin_head(

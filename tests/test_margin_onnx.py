@@ -19,6 +19,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import TOL
 from lsoftmax.exporters import export_onnx, finalize
 from lsoftmax.exporters.domain import DOMAIN
 from lsoftmax.exporters.translations import translation_table
@@ -32,7 +33,6 @@ from lsoftmax import ort as lort
 from lsoftmax.torch import MarginLinear
 from lsoftmax.torch.functional import margin_logits
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 ONNX_TYPE = {torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE}
 MODES = ("portable", "function", "custom")
 LAM = 0.3  # not exact in float32: lambda_lo carries the rest

@@ -9,24 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnxruntime
 import pytest
 import torch
+from conftest import TOL, needs_ort_cuda
 from helpers import ep_session, kernel_placements
 from reference import family_reference, max_rel_err
-from test_margin_onnx import LAM, SPECS, TOL, _data, _ref_params, node_model
+from test_margin_onnx import LAM, SPECS, _data, _ref_params, node_model
 
-import lsoftmax.cuda as lc
-
-READY = "CUDAExecutionProvider" in onnxruntime.get_available_providers() and lc.available()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not READY,
-        reason="needs an NVIDIA GPU with a CUDA driver and onnxruntime-gpu "
-        "(CUDAExecutionProvider); run benchmarks/gpu_check.sh on a GPU machine",
-    ),
-]
+pytestmark = [pytest.mark.gpu, needs_ort_cuda]
 
 
 @pytest.mark.parametrize("with_labels", [False, True], ids=["plain", "labels"])
