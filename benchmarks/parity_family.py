@@ -3,12 +3,13 @@
     python benchmarks/parity_family.py [--n 64] [--d 32] [--c 10] [--seed 0]
 
 For each kind (L-Softmax m=4, SphereFace m=4, CosFace m=0.35 s=30, ArcFace m=0.5 s=30, ArcFace
-easy_margin) and each backend (the numpy API over the core, torch, ONNX Runtime running our
-kernel (custom file), the model-local function body (function file, no library) and the
-standard-op graph (portable file)), the training logits (with labels; lambda 0.3 for the kinds
-that use it) in float32 and float64, compared with an independent float64 reference written
-here from the formulas (acos / cos, not the core's closed forms). The metric is the tests' one:
-max |a - ref| / max |ref|. Prints one table (docs/margins.md shows it).
+easy_margin, combined m1=1 m2=0.3 m3=0.2 s=30) and each backend (the numpy API over the core,
+torch, ONNX Runtime running our kernel (custom file), the model-local function body (function
+file, no library) and the standard-op graph (portable file)), the training logits (with labels;
+lambda 0.3 for the kinds that use it) in float32 and float64, compared with an independent
+float64 reference written here from the formulas (acos / cos, not the core's closed forms). The
+metric is the tests' one: max |a - ref| / max |ref|. Prints one table (docs/margins.md shows
+it).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def reference(x: np.ndarray, w: np.ndarray, t: np.ndarray, spec: Any, lam: float
         phi = (lam * c + psi) / (1.0 + lam)
     elif spec.kind == "cosface":
         phi = c - spec.m
+    elif spec.kind == "combined":
+        phi = np.cos(spec.m1 * theta + spec.m2) - spec.m3
     else:
         arc = np.cos(theta + spec.m)
         if spec.easy_margin:
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "cosface m=0.35 s=30": margins.CosFace(0.35, 30.0),
         "arcface m=0.5 s=30": margins.ArcFace(0.5, 30.0),
         "arcface easy": margins.ArcFace(0.5, 30.0, easy_margin=True),
+        "combined 1,0.3,0.2 s=30": margins.Combined(1.0, 0.3, 0.2, 30.0),
     }
     print(f"max relative error vs the float64 reference (N={args.n}, D={args.d}, C={args.c}, "
           f"lambda {LAM} where used)")  # fmt: skip

@@ -2,13 +2,14 @@
 ``ai.lsoftmax::MarginLinear``.
 
 ``MarginLinear(X[N,D], W[C,D], labels[N]?) -> Y[N,C]`` with attributes ``kind`` (string,
-required: ``lsoftmax``, ``sphereface``, ``cosface``, ``arcface``), the float parameters
-``margin`` (default 0), ``m1`` (1), ``m2`` (0), ``m3`` (0), ``scale`` (1), ``lambda`` (0), the
-int ``easy_margin`` (0), and for each float parameter ``P`` an optional ``P_lo`` (default 0): ONNX
-attributes are float32, so a float64 value is written as its float32 part ``P`` and the float32
-rounding of the rest ``P_lo``, and the op uses ``P + P_lo`` (as ``LGMLogits``' ``alpha_lo``). The
-math of each kind is in docs/margins.md; the kernel is ``ort_ops/margin_linear_op.cc``;
-``build_margin_linear`` is the standard-op form (portable export and model-local function body).
+required: ``lsoftmax``, ``sphereface``, ``cosface``, ``arcface``, ``combined``), the float
+parameters ``margin`` (default 0), ``m1`` (1), ``m2`` (0), ``m3`` (0), ``scale`` (1), ``lambda``
+(0), the int ``easy_margin`` (0), and for each float parameter ``P`` an optional ``P_lo``
+(default 0): ONNX attributes are float32, so a float64 value is written as its float32 part
+``P`` and the float32 rounding of the rest ``P_lo``, and the op uses ``P + P_lo`` (as
+``LGMLogits``' ``alpha_lo``). The math of each kind is in docs/margins.md; the kernel is
+``ort_ops/margin_linear_op.cc``; ``build_margin_linear`` is the standard-op form (portable
+export and model-local function body).
 
 ``ai.lsoftmax::LSoftmaxLinear`` stays as it is: files written before this op existed run
 unchanged, and ``LSoftmaxLinear`` modules keep exporting to it.
@@ -73,6 +74,7 @@ KIND_PARAMS: dict[str, tuple[str, ...]] = {
     "sphereface": ("margin", "lambda"),
     "cosface": ("margin", "scale"),
     "arcface": ("margin", "scale", "easy_margin"),
+    "combined": ("m1", "m2", "m3", "scale"),
 }
 PSI_KINDS = ("lsoftmax", "sphereface")
 
@@ -98,8 +100,9 @@ def margin_linear_schema() -> OpSchema:
         DOMAIN,
         DOMAIN_VERSION,
         doc=(
-            "Margin-family linear layer (L-Softmax, SphereFace, CosFace, ArcFace): plain logits "
-            "x W^T (lsoftmax), |x| cos theta_j (sphereface) or s cos theta_j (cosface, arcface); "
+            "Margin-family linear layer (L-Softmax, SphereFace, CosFace, ArcFace, combined): plain "
+            "logits x W^T (lsoftmax), |x| cos theta_j (sphereface) or s cos theta_j (the cosine "
+            "kinds); "
             "with labels each row's target logit gets the kind's margin (docs/margins.md)."
         ),
         inputs=[
@@ -121,12 +124,12 @@ def margin_linear_schema() -> OpSchema:
             OpSchema.Attribute(
                 "kind",
                 OpSchema.AttrType.STRING,
-                "lsoftmax, sphereface, cosface or arcface",
+                "lsoftmax, sphereface, cosface, arcface or combined",
                 required=True,
             ),
             attr("margin", "m: an integer >= 1 (lsoftmax, sphereface), radians (arcface)"),
-            attr("m1", "multiplicative angular margin (combined)"),
-            attr("m2", "additive angular margin (combined)"),
+            attr("m1", "multiplicative angular margin m1 > 0 (combined)"),
+            attr("m2", "additive angular margin, radians (combined)"),
             attr("m3", "additive cosine margin (combined)"),
             attr("scale", "s > 0, the cosine kinds' scale"),
             attr("easy_margin", "arcface: 1 keeps s c where c <= 0"),
@@ -189,6 +192,12 @@ def margin_from_attributes(attrs: Mapping[str, object]) -> tuple[Any, float]:
             "m": m,
             "s": _full(attrs, "scale"),
             "easy_margin": bool(attrs.get("easy_margin", 0)),
+        },
+        "combined": {
+            "m1": _full(attrs, "m1"),
+            "m2": _full(attrs, "m2"),
+            "m3": _full(attrs, "m3"),
+            "s": _full(attrs, "scale"),
         },
     }
     if kind not in fields:
@@ -319,7 +328,7 @@ def build_margin_linear(
     norm_wt = b.op("Gather", norm_w, labels, axis=0)
     degenerate = b.op("Or", b.op("Less", norm_x, tiny), b.op("Less", norm_wt, tiny))
     c = b.op("Clip", b.op("Cast", c_raw, to=_DOUBLE), _const(b, -1.0), _const(b, 1.0))
-    phi = _cosine_phi(b, kind, c, values[0], bool(easy))
+    phi = _cosine_phi(b, kind, c, values, bool(easy))
     g = b.op("CastLike", b.op("Mul", phi, _const(b, scale)), x)
     g = b.op("Where", degenerate, f, g)
     b.op("ScatterElements", logits, idx, g, output=output, axis=1)
@@ -329,15 +338,21 @@ def _const(b: NodeBuilder, v: float) -> str:
     return b.op("Constant", value=numpy_helper.from_array(np.asarray(v, dtype=np.float64)))
 
 
-def _cosine_phi(b: NodeBuilder, kind: str, c: str, m: float, easy: bool) -> str:
-    """phi(c) of a cosine kind for a float64 tensor of clamped cosines, in float64."""
+def _cosine_phi(b: NodeBuilder, kind: str, c: str, values: Sequence[float], easy: bool) -> str:
+    """phi(c) of a cosine kind for a float64 tensor of clamped cosines, in float64
+    (``values``: the float parameters in FLOAT_PARAMS order)."""
+    m = values[0]
     if kind == "cosface":
         return b.op("Sub", c, _const(b, m))
+    one = _const(b, 1.0)
+    sin_t = b.op("Sqrt", b.op("Mul", b.op("Sub", one, c), b.op("Add", one, c)))  # sin theta
+    if kind == "combined":
+        m1, m2, m3 = values[1], values[2], values[3]
+        angle = b.op("Add", b.op("Mul", _theta_float64(b, c, sin_t), _const(b, m1)), _const(b, m2))
+        return b.op("Sub", b.op("Cos", angle), _const(b, m3))
     assert kind == "arcface", kind
     # cos(theta + m) = c cos m - sin(theta) sin m, sin(theta) = sqrt((1 - c)(1 + c)) >= 0: no
     # Acos (onnxruntime has none for float64).
-    one = _const(b, 1.0)
-    sin_t = b.op("Sqrt", b.op("Mul", b.op("Sub", one, c), b.op("Add", one, c)))
     shifted = b.op(
         "Sub",
         b.op("Mul", c, _const(b, math.cos(m))),
@@ -347,3 +362,20 @@ def _cosine_phi(b: NodeBuilder, kind: str, c: str, m: float, easy: bool) -> str:
         return b.op("Where", b.op("Greater", c, _const(b, 0.0)), shifted, c)
     fallback = b.op("Sub", c, _const(b, m * math.sin(m)))
     return b.op("Where", b.op("Less", c, _const(b, math.cos(math.pi - m))), fallback, shifted)
+
+
+def _theta_float64(b: NodeBuilder, c: str, sin_t: str) -> str:
+    """theta = acos(c) in float64 for a float64 tensor c (sin_t = sin theta): onnxruntime has
+    Acos in float32 only, so theta_0 = acos(float32(c)) is refined twice by
+    theta_1 = theta_0 + sin(theta - theta_0) = theta_0 + sin_t cos theta_0 - c sin theta_0 (the
+    step's asin dropped: its cube, ~(3e-4)^3 / 6 on the first step next to c = +-1, then ~1e-23).
+    Needs float64 Cos and Sin (onnxruntime >= 1.17)."""
+    theta = b.op("Cast", b.op("Acos", b.op("Cast", c, to=onnx.TensorProto.FLOAT)), to=_DOUBLE)
+    for _ in range(2):
+        step = b.op(
+            "Sub",
+            b.op("Mul", sin_t, b.op("Cos", theta)),
+            b.op("Mul", c, b.op("Sin", theta)),
+        )
+        theta = b.op("Add", theta, step)
+    return theta

@@ -66,7 +66,7 @@ OrtStatus* ReadMarginLinearAttributes(const OrtKernelInfo* info, MarginLinearAtt
   if (!has_kind) {
     return invalid_argument(kMarginLinear,
                             "attribute 'kind' (a string: lsoftmax, sphereface, cosface, "
-                            "arcface) is required");
+                            "arcface, combined) is required");
   }
   MarginLinearAttributes a;
   lsoftmax::Status s = lsoftmax::parse_margin_kind(kind.c_str(), &a.spec.kind);

@@ -1,5 +1,6 @@
-// ai.lsoftmax::MarginLinear (CPU): the margin family (L-Softmax, SphereFace, CosFace, ArcFace)
-// as one op. logits[N, C] are the kind's plain logits (x W^T; |x| cos theta_j for sphereface;
+// ai.lsoftmax::MarginLinear (CPU): the margin family (L-Softmax, SphereFace, CosFace, ArcFace,
+// combined) as one op; the kinds are the core's (parse_margin_kind), so a new kind needs nothing
+// here. logits[N, C] are the kind's plain logits (x W^T; |x| cos theta_j for sphereface;
 // s cos theta_j for the cosine kinds) and, with the optional labels[N], each row's target logit
 // gets the kind's margin (lsoftmax::margin_family_forward from the core).
 //

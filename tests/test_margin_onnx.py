@@ -4,7 +4,8 @@ function, custom), in ONNX Runtime (our kernel, or the function body without the
 
 Parity: max relative error <= 1e-5 in float32 and <= 1e-10 in float64 (tests/reference.py's
 metric). The parameters are chosen NOT to be exact in float32 (CosFace m = 0.35, ArcFace
-m = 0.3, lambda 0.3): the ``_lo`` attributes must carry them to float64 precision. Files
+m = 0.3, combined m1 = 1.1, lambda 0.3): the ``_lo`` attributes must carry them to float64
+precision. Files
 written before this op existed (``LSoftmaxLinear``) keep running unchanged:
 ``tests/fixtures/onnx_v1``.
 """
@@ -42,6 +43,7 @@ SPECS: dict[str, margins.Margin] = {
     "cosface": margins.CosFace(0.35, 30.0),
     "arcface": margins.ArcFace(0.3, 30.0),
     "arcface-easy": margins.ArcFace(0.3, 30.0, easy_margin=True),
+    "combined": margins.Combined(1.1, 0.3, 0.15, 30.0),
 }
 N, D, C = 6, 5, 4
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "onnx_v1"
