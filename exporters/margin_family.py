@@ -369,7 +369,7 @@ def _theta_float64(b: NodeBuilder, c: str, sin_t: str) -> str:
     Acos in float32 only, so theta_0 = acos(float32(c)) is refined twice by
     theta_1 = theta_0 + sin(theta - theta_0) = theta_0 + sin_t cos theta_0 - c sin theta_0 (the
     step's asin dropped: its cube, ~(3e-4)^3 / 6 on the first step next to c = +-1, then ~1e-23).
-    Needs float64 Cos and Sin (onnxruntime >= 1.17)."""
+    Needs float64 Cos and Sin (onnxruntime 1.16 lacks them; 1.32 has them)."""
     theta = b.op("Cast", b.op("Acos", b.op("Cast", c, to=onnx.TensorProto.FLOAT)), to=_DOUBLE)
     for _ in range(2):
         step = b.op(
