@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"max relative error vs the float64 reference (N={args.n}, D={args.d}, C={args.c}, "
           f"lambda {LAM} where used)")  # fmt: skip
-    print(f"{'kind':<22}{'backend':<22}{'float32':>10}{'float64':>10}")
+    print(f"{'kind':<26}{'backend':<22}{'float32':>10}{'float64':>10}")
     for label, spec in specs.items():
         lam = LAM if spec.uses_lambda else 0.0
         for backend, run in backends(spec, lam).items():
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 x, w = x64.astype(dtype), w64.astype(dtype)
                 # The reference sees the inputs the backend saw (rounded to float32 there).
                 errs.append(max_rel(run(x, w, t), reference(x, w, t, spec, lam)))
-            print(f"{label:<22}{backend:<22}{errs[0]:>10.1e}{errs[1]:>10.1e}")
+            print(f"{label:<26}{backend:<22}{errs[0]:>10.1e}{errs[1]:>10.1e}")
 
 
 if __name__ == "__main__":
