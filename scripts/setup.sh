@@ -12,7 +12,7 @@ py="${PYTHON:-python3}"
 python -m pip install -q --upgrade pip
 # torch is pinned: this version is a CPU build on local disk; an unpinned torch pulls CUDA builds.
 python -m pip install -q "torch==2.13.0" numpy onnx onnxruntime onnxscript "pybind11>=2.12" \
-  "scikit-build-core>=0.10" cmake ninja pytest hypothesis ruff tqdm matplotlib scikit-learn protobuf
+  "scikit-build-core>=0.10" cmake ninja pytest pytest-xdist hypothesis ruff tqdm matplotlib scikit-learn protobuf
 # The margin family's parity peer (tests/test_margin_family_pml.py); pinned, as pyproject's extra.
 # --no-deps: its dependencies (torch, numpy, scikit-learn, tqdm) are the ones installed above.
 python -m pip install -q --no-deps "pytorch-metric-learning==2.9.0"
