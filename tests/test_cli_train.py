@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -231,7 +232,13 @@ def test_sigint_during_save_leaves_a_consistent_run(
     common = [*TINY, *FAST, "--margin", "2"]
     assert main(["train", *common, "--epochs", "3", "--out", str(full)]) == 0
     _interrupt_during_save(monkeypatch, at_epoch=2)
-    assert main(["train", *common, "--epochs", "3", "--out", str(run)]) == 130
+    # Ctrl-C in a terminal reaches Python's default handler; pytest-xdist's workers ignore
+    # SIGINT (SIG_IGN), which the CLI rightly keeps ignoring, so install the default here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["train", *common, "--epochs", "3", "--out", str(run)]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     # The save finished before the interrupt took effect: epoch 2 is complete on disk.
     assert not (run / "checkpoint.pt.tmp").exists()
