@@ -25,7 +25,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$base_py" -m venv "$venv"
 fi
 # pip's cache is shared with the main install, so a re-run downloads nothing.
-"$venv/bin/python" -m pip install -q --disable-pip-version-check "onnxruntime==$oldest" "$numpy_pin"
+"$venv/bin/python" -m pip install -q --no-compile --disable-pip-version-check "onnxruntime==$oldest" "$numpy_pin"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
