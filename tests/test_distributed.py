@@ -109,6 +109,7 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
                    + head_c.class_begin)
         if world == 2:
             res.update(_schedule_part(data, rows))
+            res.update(_arcface_part(data, rows))
         torch.save(res, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -134,7 +135,37 @@ def _schedule_part(data: dict[str, torch.Tensor], rows: slice) -> dict[str, obje
     fresh = ShardedMarginHead(D, C, 3, Exponential(), chunk_size=4, dtype=torch.float64)
     fresh.load_state_dict(head.state_dict())
     return {"sched_steps": int(head.step), "sched_lams": lams,
-            "sched_restored": (fresh.margin, fresh.schedule.to_dict(), int(fresh.step))}
+            "sched_restored": (fresh.margin.m, fresh.schedule.to_dict(), int(fresh.step))}
+
+
+ARCFACE = {"m": 0.5, "s": 8.0, "easy_margin": False}
+SHORT_ROW = 4  # a weight row scaled to 1e-3: the normalization must not care
+
+
+def _arcface_w(w: torch.Tensor) -> torch.Tensor:
+    w = w.clone()
+    w[SHORT_ROW] *= 1e-3
+    return w
+
+
+def _arcface_part(data: dict[str, torch.Tensor], rows: slice) -> dict[str, object]:
+    """D (2 ranks): an ArcFace head's loss and gradients; its state_dict (schedule, margin,
+    step) loads into a fresh head."""
+    from lsoftmax.margins import ArcFace
+    from lsoftmax.schedules import Exponential
+    from lsoftmax.torch.distributed import ShardedMarginHead
+
+    spec = ArcFace(ARCFACE["m"], ARCFACE["s"])
+    head = ShardedMarginHead(D, C, spec, chunk_size=4, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(_arcface_w(data["w"])[head.class_begin : head.class_end])
+    x = data["x"][rows].clone().requires_grad_()
+    loss = head(x, data["y"][rows])
+    loss.backward()
+    fresh = ShardedMarginHead(D, C, 2, Exponential(), chunk_size=4, dtype=torch.float64)
+    fresh.load_state_dict(head.state_dict())
+    return {"arc_loss": loss.detach(), "arc_grad_x": x.grad, "arc_grad_w": head.weight.grad,
+            "arc_restored": (fresh.margin == spec, fresh.schedule.to_dict(), int(fresh.step))}
 
 
 def _reference_losses(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -205,6 +236,30 @@ def test_sharded_head_matches_single_process(world: int, tmp_path: Path) -> None
             assert got["sched_steps"] == 2  # two optimizer steps, four forwards
             assert got["sched_lams"] == [sched.value(0), sched.value(1)]
             assert got["sched_restored"] == (2, sched.to_dict(), 2)
+
+    if world != 2:
+        return
+    # D: ArcFace, against the float64 reference from the published formula.
+    from reference import family_reference
+
+    from lsoftmax.margins import ArcFace as Arc
+    from lsoftmax.margins import default_schedule
+
+    x = data["x"][:n].clone().requires_grad_()
+    w = _arcface_w(data["w"]).requires_grad_()
+    per_row = F.cross_entropy(
+        family_reference(x, w, data["y"][:n], "arcface", ARCFACE), data["y"][:n], reduction="none"
+    )
+    rank_losses = torch.stack([per_row[_rows(sizes, r)].mean() for r in range(world)])
+    rank_losses.mean().backward()
+    for r, got in enumerate(res):
+        b, e = got["shard"]
+        assert max_rel_err(got["arc_loss"], rank_losses[r].detach()) < 1e-12
+        assert max_rel_err(got["arc_grad_x"], world * x.grad[_rows(sizes, r)]) < 1e-12
+        assert max_rel_err(got["arc_grad_w"], w.grad[b:e]) < 1e-12
+        spec_ok, schedule, step = got["arc_restored"]
+        assert spec_ok and step == 1
+        assert schedule == default_schedule(Arc(ARCFACE["m"], ARCFACE["s"])).to_dict()
 
 
 def _load_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -8,6 +8,7 @@ ever allocated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -238,3 +239,123 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for a, r in zip(gpu, cpu, strict=True):
         assert max_rel_err(a.cpu(), r) < tol
+
+
+# --- every kind of the margin family -----------------------------------------------------------
+
+
+def _family_specs() -> list:
+    from lsoftmax import margins
+
+    specs = [
+        (margins.LSoftmax(3), 0.3),
+        (margins.SphereFace(4), 2.0),
+        (margins.CosFace(0.35, 16.0), 0.0),
+        (margins.ArcFace(0.5, 16.0), 0.0),
+        (margins.ArcFace(0.5, 16.0, easy_margin=True), 0.0),
+    ]
+    if hasattr(margins, "Combined"):
+        specs.append((margins.Combined(0.9, 0.4, 0.15, 16.0), 0.0))
+    return specs
+
+
+FAMILY = _family_specs()
+FAMILY_IDS = [f"{s.kind}{'-easy' if getattr(s, 'easy_margin', False) else ''}" for s, _ in FAMILY]
+
+
+def _family_ref64(x, w, y, spec, lam, reduction="mean"):
+    from reference import family_reference
+
+    xr = x.detach().double().requires_grad_()
+    wr = w.detach().double().requires_grad_()
+    params = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    logits = family_reference(xr, wr, y, spec.kind, params, lam)
+    loss = F.cross_entropy(logits, y, reduction=reduction)
+    (loss.sum() if reduction == "none" else loss).backward()
+    return loss.detach(), xr.grad, wr.grad
+
+
+@pytest.mark.parametrize(("spec", "lam"), FAMILY, ids=FAMILY_IDS)
+def test_family_float64_matches_reference(spec, lam: float) -> None:
+    x, w, y = _data(23, 9, 37, torch.float64, seed=21)
+    w[5] *= 1e-3  # a short weight row: the normalizing kinds must not care
+    for reduction in ("mean", "none"):
+        got = _fused(x, w, y, spec, lam, reduction)
+        ref = _family_ref64(x, w, y, spec, lam, reduction)
+        for a, r in zip(got, ref, strict=True):
+            assert max_rel_err(a, r) < 1e-12, (reduction, max_rel_err(a, r))
+
+
+@pytest.mark.parametrize(("spec", "lam"), FAMILY, ids=FAMILY_IDS)
+def test_family_float32_matches_margin_logits(spec, lam: float) -> None:
+    from lsoftmax.torch.functional import margin_logits
+
+    x, w, y = _data(64, 32, 300, torch.float32, seed=22, scale=3.0)
+    got = _fused(x, w, y, spec, lam, chunk=64)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = F.cross_entropy(margin_logits(xr, wr, y, spec, lam), y)
+    loss.backward()
+    for a, r in zip(got, (loss.detach(), xr.grad, wr.grad), strict=True):
+        assert max_rel_err(a, r) < 1e-6, max_rel_err(a, r)
+
+
+@pytest.mark.parametrize(("spec", "lam"), FAMILY, ids=FAMILY_IDS)
+def test_family_gradcheck(spec, lam: float) -> None:
+    x, w, y = _data(3, 4, 5, torch.float64, seed=23)
+    x.requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: margin_cross_entropy(a, b, y, spec, "none", 2, lam=lam), (x, w)
+    )
+
+
+def test_normalizing_kinds_never_copy_w_or_allocate_n_by_c() -> None:
+    from lsoftmax.margins import ArcFace
+
+    n, d, c, chunk = 64, 4, 1000, 50
+    x, w, y = _data(n, d, c, torch.float32, seed=24)
+    x.requires_grad_()
+    w.requires_grad_()
+
+    class _Large(TorchDispatchMode):
+        """The distinct storages of at least C x D elements that ops return (views of W,
+        whose storage is not new, excluded)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: dict[int, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    size = st.nbytes() // t.element_size()
+                    if size >= c * d and st.data_ptr() != w.untyped_storage().data_ptr():
+                        self.sizes[st.data_ptr()] = size
+            return out
+
+    mode = _Large()
+    with mode:
+        margin_cross_entropy(x, w, y, ArcFace(0.5, 16.0), chunk_size=chunk).backward()
+    # One new C x D storage, grad_weight: no normalized copy of W, no N x C (64000) tensor.
+    assert list(mode.sizes.values()) == [c * d], mode.sizes
+
+
+def test_family_module_matches_margin_linear() -> None:
+    from lsoftmax.margins import ArcFace, SphereFace
+    from lsoftmax.torch import MarginLinear
+
+    torch.manual_seed(0)
+    x, _, y = _data(12, 8, 30, torch.float64, seed=25)
+    for spec in (ArcFace(0.4, 8.0), SphereFace(3)):
+        fused = MarginCrossEntropy(8, 30, margin=spec, chunk_size=8).double()
+        layer = MarginLinear(8, 30, margin=ArcFace()).double()
+        layer.load_state_dict(fused.state_dict())  # the margin and schedule come with it
+        assert layer.margin == spec
+        for _ in range(2):
+            assert max_rel_err(fused(x, y), F.cross_entropy(layer(x, y), y)) < 1e-12
+        assert int(fused.step) == int(layer.step) == 2
+        fused.eval()
+        layer.eval()
+        assert max_rel_err(fused(x, y), F.cross_entropy(layer(x), y)) < 1e-12

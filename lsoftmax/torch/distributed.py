@@ -1,12 +1,14 @@
-"""Class-sharded L-Softmax margin head over ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+"""Class-sharded margin head over ``torch.distributed`` (gloo on CPU, NCCL on GPU), for every
+kind of ``lsoftmax.margins`` (an int margin is L-Softmax's).
 
 ``ShardedMarginHead(in_features, num_classes, ...)`` keeps rows ``[class_begin, class_end)`` of
 the (C x D) weight on each rank: about C / world rows. A training forward
 
 1. all-gathers the features and labels of every rank (their batch sizes may differ);
-2. streams over the shard's classes with the fused loss's kernels (``lsoftmax.torch.fused``):
-   the target logit of a row gets its margin on the rank that owns the row's class, the others
-   only fold that row's plain logits into its running log-sum-exp;
+2. streams over the shard's classes with the fused loss's kernels (``lsoftmax.torch.fused``;
+   the kinds that normalize W use the shard's C/world inverse row norms): the target logit of a
+   row gets its margin on the rank that owns the row's class, the others only fold that row's
+   plain logits into its running log-sum-exp;
 3. all-reduces the per-row max (MAX) and sum of exponentials (SUM) and the target logits (SUM:
    one owner per row), which gives every rank the exact cross-entropy of every row;
 4. returns the loss of this rank's own rows (``reduction`` over them).
@@ -25,9 +27,9 @@ Checkpoints: ``save_sharded(head, path)`` writes one file with the whole (C x D)
 receives the shards one by one, so it never holds more than the weight); ``load_sharded(head,
 path)`` reads it into a head of any world size.
 
-Lambda follows ``lsoftmax.torch.scheduled.ScheduledStep`` like ``LSoftmaxLinear``'s: the step
-counter is a buffer, the schedule and margin are in the ``state_dict``, and after
-``head.attach(optimizer)`` only optimizer steps advance it.
+Lambda (lsoftmax, sphereface) follows ``lsoftmax.torch.scheduled.ScheduledStep`` like the
+ordinary heads: the step counter is a buffer, the schedule and margin are in the ``state_dict``,
+and after ``head.attach(optimizer)`` only optimizer steps advance it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lsoftmax.schedules import Exponential, Schedule, schedule_from_dict
+from lsoftmax.margins import LSoftmax, Margin, default_schedule, margin_from_dict
+from lsoftmax.schedules import Schedule, schedule_from_dict
 from lsoftmax.torch import fused
 from lsoftmax.torch.functional import check_inputs, check_margin
 from lsoftmax.torch.scheduled import ScheduledStep
@@ -88,6 +91,7 @@ class _ShardedCE(torch.autograd.Function):
         head: ShardedMarginHead,
         lam: float,
         classes: Tensor | None,
+        apply_margin: bool,
     ) -> Tensor:
         group = head.process_group
         world = dist.get_world_size(group)
@@ -111,9 +115,9 @@ class _ShardedCE(torch.autograd.Function):
             w = weight.index_select(0, classes)
         w = w.contiguous()
         owned = ((local >= 0) & (local < w.shape[0])).nonzero().view(-1)
-        tm = fused.margin_targets(x_all, w, local, head.margin, lam, rows=owned)
+        p = fused.prepare(x_all, w, local, head.margin, lam, rows=owned, apply_margin=apply_margin)
         chunk = fused.check_chunk_size(head.chunk_size, x_all.shape[0], max(w.shape[0], 1))
-        row_max, row_sum = fused.stream_lse(x_all, w, local, tm.logits, chunk)
+        row_max, row_sum = fused.stream_lse(p.xe, w, p.inv, local, p.target, chunk)
         global_max = row_max.clone()
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
         # exp(-inf - -inf) for a rank whose (sampled) shard is empty: nothing to carry.
@@ -121,34 +125,35 @@ class _ShardedCE(torch.autograd.Function):
             row_max == global_max, row_sum, row_sum * torch.exp(row_max - global_max)
         )
         dist.all_reduce(carried, group=group)
-        target_logits = tm.logits.clone()
-        dist.all_reduce(target_logits, group=group)
+        target_logits = p.target.clone()
+        dist.all_reduce(target_logits, group=group)  # one owner per row: the others add 0
         lse = global_max + torch.log(carried)
         losses = (lse - target_logits.to(torch.float64)).to(x.dtype)[offset : offset + x.shape[0]]
 
-        ctx.save_for_backward(x_all, w, local, lse, target_logits)
-        ctx.tm, ctx.head, ctx.lam, ctx.chunk = tm, head, lam, chunk
+        ctx.save_for_backward(w, local, lse, target_logits)
+        ctx.p, ctx.head, ctx.chunk = p, head, chunk
         ctx.sizes, ctx.offset, ctx.classes, ctx.shard_size = sizes, offset, classes, shard_size
         return fused.reduce_losses(losses, head.reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x_all, w, local, lse, target_logits = ctx.saved_tensors
+        w, local, lse, target_logits = ctx.saved_tensors
+        p: fused.Prepared = ctx.p
         head: ShardedMarginHead = ctx.head
         group = head.process_group
         world = dist.get_world_size(group)
         n_local = ctx.sizes[dist.get_rank(group)]
-        scale = fused.row_scale(grad_out, head.reduction, n_local, x_all.dtype)
+        scale = fused.row_scale(grad_out, head.reduction, n_local, p.xe.dtype)
         scale_all = _all_gather_rows(scale, ctx.sizes, group)
-        # Non-owned rows never read their target logit here: tm.logits is 0 there, and the
+        # Non-owned rows never read their target logit here: p.target is 0 there, and the
         # kernels see no target in range for them.
-        grad_x_all, grad_w = fused.stream_grad(
-            x_all, w, local, ctx.tm.logits, lse, scale_all, ctx.chunk
+        grad_xe_all, grad_w = fused.stream_grad(
+            p.xe, w, p.inv, local, p.target, lse, scale_all, ctx.chunk
         )
-        fused.add_margin_grad(
-            ctx.tm, fused.target_grad(target_logits, lse, scale_all), x_all, w, grad_x_all,
-            grad_w, head.margin, ctx.lam,
+        # Linear in the incoming gradients, so summing over ranks after it is the same as before.
+        grad_x_all = p.backward(
+            grad_xe_all, fused.target_grad(target_logits, lse, scale_all), grad_w
         )
         dist.all_reduce(grad_x_all, group=group)
         grad_x = grad_x_all[ctx.offset : ctx.offset + n_local]
@@ -157,25 +162,26 @@ class _ShardedCE(torch.autograd.Function):
             full = grad_w.new_zeros((ctx.shard_size, grad_w.shape[1]))
             full.index_copy_(0, ctx.classes, grad_w)
             grad_w = full
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 class ShardedMarginHead(ScheduledStep):
-    """L-Softmax margin cross-entropy with the classes split over the ranks of a process group.
+    """Margin cross-entropy with the classes split over the ranks of a process group.
 
-    ``forward(x, target)`` (this rank's batch) returns the loss of this rank's rows, computed
-    over all ``num_classes`` classes (or the partial-FC sample of them). Every rank must call it
-    (it runs collectives). In eval mode the loss is plain softmax cross-entropy over all
-    classes. The step counter and lambda follow ``ScheduledStep``'s rules (``LSoftmaxLinear``'s);
-    every rank steps together because every rank runs every forward, or, after
-    ``attach(optimizer)``, every optimizer step.
+    ``margin``: a ``lsoftmax.margins`` spec or an int m (``LSoftmax(m)``). ``forward(x,
+    target)`` (this rank's batch) returns the loss of this rank's rows, computed over all
+    ``num_classes`` classes (or the partial-FC sample of them). Every rank must call it (it runs
+    collectives). In eval mode the loss is the cross-entropy of the kind's plain logits over all
+    classes. The step counter and lambda follow ``ScheduledStep``'s rules (as
+    ``LSoftmaxLinear``'s); every rank steps together because every rank runs every forward, or,
+    after ``attach(optimizer)``, every optimizer step.
     """
 
     def __init__(
         self,
         in_features: int,
         num_classes: int,
-        margin: int = 4,
+        margin: int | Margin = 4,
         schedule: Schedule | None = None,
         *,
         process_group: Any = None,
@@ -203,8 +209,10 @@ class ShardedMarginHead(ScheduledStep):
             )
         self.in_features, self.num_classes = in_features, num_classes
         self.class_begin, self.class_end = shard_range(num_classes, self.world_size, self.rank)
-        self.margin = check_margin(margin)
-        self._init_scheduled(schedule if schedule is not None else Exponential(), device)
+        self.margin: Margin = fused.resolve_margin(margin)
+        self._init_scheduled(
+            schedule if schedule is not None else default_schedule(self.margin), device
+        )
         self.sample_rate = float(sample_rate)
         self.reduction = fused.check_reduction(reduction)
         fused.check_chunk_size(chunk_size, 1, num_classes)
@@ -220,15 +228,15 @@ class ShardedMarginHead(ScheduledStep):
     schedule = property(ScheduledStep._get_schedule, ScheduledStep._set_schedule)
 
     def _warn_if_distributed(self) -> None:
-        # Every rank runs every forward of this head (they are collective), so the ranks count
-        # the same forwards: nothing to warn about.
+        # Every rank runs every forward of this head (they are collective), so ranks count the
+        # same forwards: nothing to warn about.
         self._warned_distributed = True
 
     def _state_fields(self) -> dict[str, Any]:
-        return {**super()._state_fields(), "margin": self.margin}
+        return {**super()._state_fields(), "margin": _margin_field(self.margin)}
 
     def _load_state_fields(self, fields: dict[str, Any]) -> None:
-        margin = check_margin(fields.get("margin", self.margin))
+        margin = _margin_of(fields.get("margin", _margin_field(self.margin)))
         super()._load_state_fields(fields)
         self.margin = margin
 
@@ -245,7 +253,7 @@ class ShardedMarginHead(ScheduledStep):
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
         check_inputs(x, self.weight, target)
         if not self.training:
-            return _ShardedCE.apply(x, self.weight, target, _Plain(self), 0.0, None)
+            return _ShardedCE.apply(x, self.weight, target, self, 0.0, None, False)
         step = int(self.step)
         lam = self._scheduled_value(True)
         classes = None
@@ -258,11 +266,11 @@ class ShardedMarginHead(ScheduledStep):
             sizes = [int(p) for p in parts]
             y_all = _all_gather_rows(target.to(torch.int64), sizes, self.process_group)
             classes = self.sampled_classes(y_all - self.class_begin, step).to(x.device)
-        return _ShardedCE.apply(x, self.weight, target, self, lam, classes)
+        return _ShardedCE.apply(x, self.weight, target, self, lam, classes, True)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        """Arg-max class (global index) of the plain logits of this rank's rows (collective).
+        """Arg-max class (global index) of the kind's plain logits of this rank's rows (collective).
 
         Streams over the shard in blocks, then picks the best of the ranks' best: no rank ever
         holds more than a block of logits.
@@ -277,8 +285,14 @@ class ShardedMarginHead(ScheduledStep):
         best = torch.full((x_all.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
         arg = torch.zeros(x_all.shape[0], dtype=torch.int64, device=x.device)
         chunk = fused.check_chunk_size(self.chunk_size, x_all.shape[0], self.weight.shape[0])
+        # The kinds that normalize W rank classes by cosine: scale the columns. (Scaling a row by
+        # a positive number, as normalizing x does, does not change its arg-max.)
+        inv = fused.inverse_norms(self.weight, self.margin)
         for c0 in range(0, self.weight.shape[0], chunk):
-            v, i = (x_all @ self.weight[c0 : c0 + chunk].t()).max(dim=1)
+            block = x_all @ self.weight[c0 : c0 + chunk].t()
+            if inv is not None:
+                block.mul_(inv[c0 : c0 + chunk])
+            v, i = block.max(dim=1)
             better = v > best
             best = torch.where(better, v, best)
             arg = torch.where(better, i + c0 + self.class_begin, arg)
@@ -300,12 +314,13 @@ class ShardedMarginHead(ScheduledStep):
         )
 
 
-class _Plain:
-    """The head's settings with margin 1 (eval mode: plain cross-entropy)."""
+def _margin_field(margin: Margin) -> Any:
+    # An int for L-Softmax (the form LSoftmaxLinear and earlier checkpoints use), else the dict.
+    return int(margin.m) if isinstance(margin, LSoftmax) else margin.to_dict()
 
-    def __init__(self, head: ShardedMarginHead) -> None:
-        self.process_group, self.class_begin = head.process_group, head.class_begin
-        self.chunk_size, self.reduction, self.margin = head.chunk_size, head.reduction, 1
+
+def _margin_of(field: Any) -> Margin:
+    return margin_from_dict(field) if isinstance(field, dict) else LSoftmax(check_margin(field))
 
 
 def save_sharded(head: ShardedMarginHead, path: str) -> None:
@@ -329,7 +344,7 @@ def save_sharded(head: ShardedMarginHead, path: str) -> None:
                 "step": head.step.detach().cpu(),
                 "num_classes": head.num_classes,
                 "in_features": head.in_features,
-                "margin": head.margin,
+                "margin": _margin_field(head.margin),
                 "schedule": head.schedule.to_dict(),
             },
             path,
@@ -357,3 +372,8 @@ def load_sharded(head: ShardedMarginHead, path: str) -> dict[str, Any]:
 def schedule_of(state: dict[str, Any]) -> Schedule:
     """The schedule saved by ``save_sharded``."""
     return schedule_from_dict(state["schedule"])
+
+
+def margin_of(state: dict[str, Any]) -> Margin:
+    """The margin spec saved by ``save_sharded``."""
+    return _margin_of(state["margin"])

@@ -1,12 +1,16 @@
-"""Fused margin cross-entropy: the loss of the L-Softmax margin logits without the N x C logits.
+"""Fused margin cross-entropy: the loss of the margin logits without the N x C logits.
 
 ``margin_cross_entropy(x, weight, target, margin, lam=...)`` equals
-``F.cross_entropy(lsoftmax_logits(x, weight, target, margin, lam), target)`` but streams over
-blocks of classes: each block's logits ``x @ W_block.T`` (an N x B GEMM by torch) are folded into
-a per-row online log-sum-exp by the core (``fused_lse_block``) and dropped. The backward
-recomputes each block and has the core turn it into ``scale * (softmax - onehot)``
+``F.cross_entropy(margin_logits(x, weight, target, margin, lam), target)`` for every kind of
+``lsoftmax.margins`` (an int ``margin`` is ``LSoftmax(margin)``) but streams over blocks of
+classes: each block's logits ``(xe @ W_block.T) * inv_block`` (an N x B GEMM by torch, scaled by
+the block's C-vector of inverse row norms for the kinds that normalize W) are folded into a
+per-row online log-sum-exp by the core (``fused_lse_block``) and dropped. ``xe`` is x, or
+``s x / max(|x|, eps)`` for the kinds that normalize the features (an N x D tensor). The
+backward recomputes each block and has the core turn it into ``scale * (softmax - onehot)``
 (``fused_grad_block``) before the block's two gradient GEMMs. Memory beyond the inputs and
-``grad_weight``: one N x B block, ``grad_x`` and a few N-vectors.
+``grad_weight``: one N x B block (and a B x D one for the normalizing kinds), ``grad_x`` and a
+few N- and C-vectors; neither the N x C logits nor a normalized copy of W.
 
 Why recompute rather than compute the gradient in the forward: the gradient needs each row's
 final log-sum-exp, which is known only after the last block, so a one-pass gradient would have
@@ -16,14 +20,15 @@ recomputing in the backward, and would also keep a C x D gradient alive between 
 backward. Recomputing costs one extra N x B x D GEMM per block (4 GEMMs against the unfused
 path's 3) and saves the N x C passes and allocations (see docs/huge.md for the measurements).
 
-The margin itself is the ordinary layer's: the target logits are ``<x_i, w_{y_i}>`` rewritten by
-``margin_forward`` and their gradient terms added by ``margin_backward``, both run on an N x C
-*view with column stride 0* over N values (the kernels only touch entry ``(i, y_i)``), so the
-margin math has one home. A later margin kind only needs to supply those two steps
-(``_TargetMargin``); the streaming part is margin-agnostic.
+The margin is the family's (``lsoftmax.margins``, core math in ``margin_family.h``): each row's
+target logit ``a_i phi(c_i)`` takes ``phi`` and ``phi'`` from the core
+(``_kernels.margin_family_targets``) on the N target cosines; torch computes those cosines, the
+row scales and, by autograd over N x D tensors only, the gradient of the difference between the
+target logit and the block's plain value of that entry. The streaming part does not know about
+margins beyond the scaling of the block.
 
-The pieces (``margin_targets``, ``stream_lse``, ``stream_grad``) are public to this package so
-that the class-sharded head (``lsoftmax.torch.distributed``) runs the same kernels on its shard.
+The pieces (``prepare``, ``stream_lse``, ``stream_grad``) are public to this package so that the
+class-sharded head (``lsoftmax.torch.distributed``) runs the same kernels on its shard.
 """
 
 from __future__ import annotations
@@ -36,15 +41,18 @@ import torch
 from torch import Tensor
 
 from lsoftmax import _core
+from lsoftmax.margins import LSoftmax, Margin
 from lsoftmax.torch import _kernels
 from lsoftmax.torch.functional import check_inputs, check_lambda, check_margin
-from lsoftmax.torch.modules import LSoftmaxLinear
+from lsoftmax.torch.modules import MarginLinear
 
 __all__ = [
     "MarginCrossEntropy",
+    "Prepared",
     "default_chunk_size",
     "margin_cross_entropy",
-    "margin_targets",
+    "prepare",
+    "resolve_margin",
     "stream_grad",
     "stream_lse",
 ]
@@ -75,85 +83,167 @@ def check_reduction(reduction: object) -> str:
     return str(reduction)
 
 
-# --- target margin (the only margin-specific step) ---------------------------------------------
+# --- the margin of any kind (the only margin-specific step) ------------------------------------
+
+
+def resolve_margin(margin: object) -> Margin:
+    """A ``lsoftmax.margins`` spec as it is; an int ``m`` as ``LSoftmax(m)`` (today's meaning)."""
+    if isinstance(margin, Margin):
+        return margin
+    return LSoftmax(check_margin(margin))
+
+
+def _eps(t: Tensor) -> float:
+    return float(_core.degenerate_norm("float64" if t.dtype == torch.float64 else "float32"))
+
+
+def inverse_norms(weight: Tensor, margin: Margin) -> Tensor | None:
+    """``1 / max(|w_j|, eps)`` of every class for the kinds that normalize W (C values: the
+    normalized W itself is never built), else None."""
+    if not margin.normalizes_weights:
+        return None
+    return torch.linalg.vector_norm(weight, dim=1).clamp_min(_eps(weight)).reciprocal()
+
+
+def _check_owned_labels(labels: Tensor, num_classes: int) -> None:
+    # Checked before indexing the weight with them (the core would name the same row).
+    if labels.numel() and labels.device.type == "cpu":
+        bad = (labels < 0) | (labels >= num_classes)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels[{i}] = {int(labels[i])} is out of range [0, {num_classes})")
+
+
+def _scale(margin: Margin) -> float:
+    return float(margin.params()[4]) if margin.normalizes_features else 1.0
+
+
+class _Phi(torch.autograd.Function):
+    """phi(c) of the kind, by the core (``_kernels.margin_family_targets``), with phi'(c)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, c: Tensor, margin: Margin, lam: float | Tensor
+    ) -> Tensor:
+        phi, dphi = _kernels.margin_family_targets(margin.kind, margin.params(), lam, c)
+        ctx.save_for_backward(dphi.to(c.dtype))
+        return phi.to(c.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (dphi,) = ctx.saved_tensors
+        return g * dphi, None, None
 
 
 @dataclass
-class _TargetMargin:
-    """The target logits of the rows a weight (or shard) owns, and what their backward needs."""
+class Prepared:
+    """One call's inputs as the streaming passes see them, and the small graphs of its backward.
 
-    rows: Tensor | None  # indices of the owned rows, None = all rows
-    labels: Tensor  # labels of the owned rows, relative to the weight's first class
-    logits: Tensor  # (N,) target logit of every row (0 for rows not owned)
-    stats: dict[str, Any] | None
+    The block logits are ``(xe @ W_block.T) * inv_block``: ``xe`` is x (lsoftmax, sphereface)
+    or ``s x / max(|x|, eps)`` (cosine kinds), ``inv`` the per-class inverse norms (None for
+    lsoftmax). ``target`` holds each owned row's margin target logit ``a_i phi(c_i)`` (the plain
+    one for degenerate rows and without a margin; 0 for rows not owned). ``backward`` turns the
+    gradient w.r.t. ``xe`` and dL/d(target logit) into the gradient w.r.t. x, and adds the target
+    rows' terms to ``grad_weight``.
+    """
+
+    xe: Tensor
+    inv: Tensor | None
+    target: Tensor
+    rows: Tensor | None  # owned rows (None: all)
+    labels: Tensor  # labels of the owned rows, relative to the weight
+    # small autograd graphs (N x D at most), built in the forward
+    x_leaf: Tensor
+    xe_graph: Tensor | None  # None: xe is x itself
+    wy_leaf: Tensor | None
+    correction: Tensor | None  # target - plain block value of the owned rows
+
+    def backward(self, grad_xe: Tensor, target_grad: Tensor, grad_weight: Tensor) -> Tensor:
+        outputs, grads = [], []
+        if self.xe_graph is not None:
+            outputs.append(self.xe_graph)
+            grads.append(grad_xe)
+        if self.correction is not None:
+            g = target_grad if self.rows is None else target_grad.index_select(0, self.rows)
+            outputs.append(self.correction)
+            grads.append(g.to(self.correction.dtype))
+        inputs = [self.x_leaf] + ([self.wy_leaf] if self.correction is not None else [])
+        if not outputs:
+            return grad_xe
+        # retain_graph: the outer backward may run more than once (gradcheck, retain_graph);
+        # the graph is N x D at most and goes with the autograd context.
+        got = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
+        grad_x = grad_xe if self.xe_graph is None else torch.zeros_like(grad_xe)
+        if got[0] is not None:
+            grad_x = grad_x + got[0]
+        if self.correction is not None and got[1] is not None:
+            grad_weight.index_add_(0, self.labels, got[1].to(grad_weight.dtype))
+        return grad_x
 
 
-def _stride0(v: Tensor, cols: int) -> Tensor:
-    # An (n, cols) view whose every column is v: the layer's kernels read and write only the
-    # entry (i, y_i), so this hands them the n target values without an n x cols tensor.
-    return v.as_strided((v.shape[0], cols), (1, 0))
-
-
-def margin_targets(
+def prepare(
     x: Tensor,
     weight: Tensor,
     labels: Tensor,
-    margin: int,
+    margin: Margin,
     lam: float | Tensor,
     rows: Tensor | None = None,
-) -> _TargetMargin:
-    """Margin target logits of the rows ``rows`` (all when None), ``labels`` relative to ``weight``.
-
-    The labels of the owned rows are checked against ``[0, weight.shape[0])`` by the core.
-    """
-    xs = x if rows is None else x.index_select(0, rows)
+    apply_margin: bool = True,
+) -> Prepared:
+    """``Prepared`` for rows ``rows`` (all when None) owning their class, ``labels`` relative to
+    ``weight`` (the labels of the owned rows are checked against ``[0, weight.shape[0])``)."""
     ys = labels if rows is None else labels.index_select(0, rows)
-    if ys.numel() and ys.device.type == "cpu":
-        # Check before indexing weight with them (the core would name the same row).
-        bad = (ys < 0) | (ys >= weight.shape[0])
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"labels[{i}] = {int(ys[i])} is out of range [0, {weight.shape[0]})"
-            )
-    f = torch.bmm(xs.unsqueeze(1), weight.index_select(0, ys).unsqueeze(2)).view(-1)
-    # Row stats (saved for the backward) come only from the numpy route, whose loops run on the
-    # core's own pool; with the libtorch extension the backward recomputes them (N rows) and
-    # every loop runs on torch's pool.
-    stats = _kernels.margin_forward_(
-        _stride0(f, weight.shape[0]), xs, weight, ys, margin, lam,
-        xs.device.type == "cpu" and not _kernels.TORCH_OPS,
-    )
+    _check_owned_labels(ys, weight.shape[0])
+    eps, s = _eps(x), _scale(margin)
+    inv = inverse_norms(weight, margin)
+    with torch.enable_grad():
+        x_leaf = x.detach().requires_grad_()
+        nx = torch.linalg.vector_norm(x_leaf, dim=1)
+        xe_graph = None
+        if margin.normalizes_features:
+            xe_graph = x_leaf * (s / nx.clamp_min(eps))[:, None]
+        xe = x if xe_graph is None else xe_graph.detach()
+        wy_leaf = weight.detach().index_select(0, ys.long()).requires_grad_()
+        # The N target values in float64, as the core computes the L-Softmax target (cosine and
+        # norms of the raw rows in double); cast to the input dtype at the end.
+        xs = (x_leaf if rows is None else x_leaf.index_select(0, rows)).double()
+        xes = xe_graph if xe_graph is not None else x_leaf
+        xes = (xes if rows is None else xes.index_select(0, rows)).double()
+        wy = wy_leaf.double()
+        dot = (xes * wy).sum(dim=1)
+        nws = torch.linalg.vector_norm(wy, dim=1)
+        # The block's value of the target entry, as a function of x and w_y.
+        plain = dot if inv is None else dot / nws.clamp_min(eps)
+        correction = None
+        if apply_margin:
+            nxs = torch.linalg.vector_norm(xs, dim=1)
+            xn = xs / nxs.clamp_min(eps)[:, None]
+            wn = wy / nws.clamp_min(eps)[:, None]
+            c_raw = (xn * wn).sum(dim=1)
+            # Clamped for phi, the gradient passed through (as the unfused layer's backward).
+            c = c_raw + (c_raw.clamp(-1.0, 1.0) - c_raw).detach()
+            phi = _Phi.apply(c, margin, lam)
+            if margin.kind == "lsoftmax":
+                a = nxs * nws
+            elif margin.kind == "sphereface":
+                a = nxs
+            else:
+                a = torch.full_like(c, s)
+            live = (nxs >= eps) & (nws >= eps)
+            correction = torch.where(live, a * phi - plain, torch.zeros_like(plain))
+            t = (plain + correction).detach().to(x.dtype)
+        else:
+            t = plain.detach().to(x.dtype)
     if rows is None:
-        logits = f
+        target = t
     else:
-        logits = x.new_zeros(x.shape[0])
-        logits.index_copy_(0, rows, f)
-    return _TargetMargin(rows, ys, logits, stats)
-
-
-def add_margin_grad(
-    tm: _TargetMargin,
-    target_grad: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    grad_x: Tensor,
-    grad_weight: Tensor,
-    margin: int,
-    lam: float | Tensor,
-) -> None:
-    """Adds the margin terms for ``target_grad`` (dL/d target logit, (N,)) to the gradients."""
-    if tm.rows is None:
-        xs, gx, g = x, grad_x, target_grad
-    else:
-        xs, g = x.index_select(0, tm.rows), target_grad.index_select(0, tm.rows)
-        gx = torch.zeros_like(xs)
-    _kernels.margin_backward_(
-        _stride0(g.contiguous(), weight.shape[0]), xs, weight, tm.labels, gx, grad_weight,
-        margin, lam, tm.stats,
+        target = x.new_zeros(x.shape[0])
+        target.index_copy_(0, rows, t)
+    return Prepared(
+        xe=xe.contiguous(), inv=inv, target=target, rows=rows, labels=ys, x_leaf=x_leaf,
+        xe_graph=xe_graph, wy_leaf=wy_leaf if correction is not None else None,
+        correction=correction,
     )
-    if tm.rows is not None:
-        grad_x.index_add_(0, tm.rows, gx)
 
 
 # --- streaming over blocks of classes ---------------------------------------------------------
@@ -177,25 +267,32 @@ def _np(t: Tensor) -> Any:
 
 
 def stream_lse(
-    x: Tensor, weight: Tensor, labels: Tensor, target_logits: Tensor, chunk: int
+    xe: Tensor,
+    weight: Tensor,
+    inv: Tensor | None,
+    labels: Tensor,
+    target_logits: Tensor,
+    chunk: int,
 ) -> tuple[Tensor, Tensor]:
     """Per-row (max, sum of exp(v - max)) over the classes of ``weight``, float64.
 
-    ``v`` is ``x @ weight.T`` with entry ``(i, labels[i])`` replaced by ``target_logits[i]``
-    where ``labels[i]`` is in range (other rows have no target here).
+    ``v`` is ``(xe @ weight.T) * inv`` (``inv`` None: 1) with entry ``(i, labels[i])`` replaced
+    by ``target_logits[i]`` where ``labels[i]`` is in range (other rows have no target here).
     """
-    n = x.shape[0]
-    row_max = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
-    row_sum = torch.zeros(n, dtype=torch.float64, device=x.device)
-    buf = _block_buffer(x, chunk)
-    cuda = x.device.type == "cuda"
+    n = xe.shape[0]
+    row_max = torch.full((n,), -math.inf, dtype=torch.float64, device=xe.device)
+    row_sum = torch.zeros(n, dtype=torch.float64, device=xe.device)
+    buf = _block_buffer(xe, chunk)
+    cuda = xe.device.type == "cuda"
     for c0 in _blocks(weight.shape[0], chunk):
-        block = _block_logits(x, weight[c0 : c0 + chunk], buf)
+        block = _block_logits(xe, weight[c0 : c0 + chunk], buf)
+        if inv is not None:
+            block.mul_(inv[c0 : c0 + chunk])
         if cuda:
             _core.cuda_fused_lse_block_(
                 _kernels._mat("block", block), _kernels._vec(labels), c0,
                 target_logits.data_ptr(), row_max.data_ptr(), row_sum.data_ptr(),
-                stream=torch.cuda.current_stream(x.device).cuda_stream,
+                stream=torch.cuda.current_stream(xe.device).cuda_stream,
             )
         else:
             _core.fused_lse_block_(
@@ -206,40 +303,55 @@ def stream_lse(
 
 
 def stream_grad(
-    x: Tensor,
+    xe: Tensor,
     weight: Tensor,
+    inv: Tensor | None,
     labels: Tensor,
     target_logits: Tensor,
     lse: Tensor,
     scale: Tensor,
     chunk: int,
 ) -> tuple[Tensor, Tensor]:
-    """(grad_x, grad_weight) of ``sum_i scale_i * CE_i`` through the plain logits.
-
-    The target entries carry dL/d(target logit); the margin's own terms come from
-    ``add_margin_grad``.
-    """
-    grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    """(grad_xe, grad_weight) of ``sum_i scale_i * CE_i`` through the block logits of
+    ``stream_lse``, the target entries treated as plain ones (``Prepared.backward`` adds the
+    difference)."""
+    grad_xe = torch.zeros_like(xe, memory_format=torch.contiguous_format)
     grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    buf = _block_buffer(x, chunk)
-    cuda = x.device.type == "cuda"
+    buf = _block_buffer(xe, chunk)
+    cuda = xe.device.type == "cuda"
+    eps = _eps(weight)
     for c0 in _blocks(weight.shape[0], chunk):
         w_block = weight[c0 : c0 + chunk]
-        block = _block_logits(x, w_block, buf)
+        block = _block_logits(xe, w_block, buf)
+        if inv is not None:
+            block.mul_(inv[c0 : c0 + chunk])
         if cuda:
             _core.cuda_fused_grad_block_(
                 _kernels._mat("block", block), _kernels._vec(labels), c0,
                 target_logits.data_ptr(), lse.data_ptr(), scale.data_ptr(),
-                stream=torch.cuda.current_stream(x.device).cuda_stream,
+                stream=torch.cuda.current_stream(xe.device).cuda_stream,
             )
         else:
             _core.fused_grad_block_(
                 _np(block), _np(labels), c0, _np(target_logits), _np(lse), _np(scale),
                 torch_pool=_kernels.TORCH_OPS,
             )
-        grad_x.addmm_(block, w_block)
-        torch.mm(block.t(), x, out=grad_w[c0 : c0 + chunk])
-    return grad_x, grad_w
+        gw = grad_w[c0 : c0 + chunk]
+        if inv is None:
+            grad_xe.addmm_(block, w_block)
+            torch.mm(block.t(), xe, out=gw)
+            continue
+        # Logits (xe . w_j) inv_j: G' = G inv_j gives grad_xe and h_j = G'^T xe; then
+        # dL/dw_j = h_j - inv_j^2 <h_j, w_j> w_j where |w_j| > eps (inv_j = 1/|w_j| there;
+        # below eps inv_j is the constant 1/eps).
+        ib = inv[c0 : c0 + chunk]
+        block.mul_(ib)
+        grad_xe.addmm_(block, w_block)
+        torch.mm(block.t(), xe, out=gw)
+        r = torch.bmm(gw.unsqueeze(1), w_block.unsqueeze(2)).view(-1)
+        coef = torch.where(ib * eps < 1.0, -(ib * ib) * r, torch.zeros_like(r))
+        gw.addcmul_(w_block, coef.unsqueeze(1))
+    return grad_xe, grad_w
 
 
 def row_scale(grad_out: Tensor, reduction: str, n: int, dtype: torch.dtype) -> Tensor:
@@ -273,33 +385,33 @@ class _FusedMarginCE(torch.autograd.Function):
         x: Tensor,
         weight: Tensor,
         target: Tensor,
-        margin: int,
+        margin: Margin,
         lam: float | Tensor,
         reduction: str,
         chunk: int,
+        apply_margin: bool,
     ) -> Tensor:
         x, weight = x.contiguous(), weight.contiguous()
-        tm = margin_targets(x, weight, target, margin, lam)
-        row_max, row_sum = stream_lse(x, weight, target, tm.logits, chunk)
+        p = prepare(x, weight, target, margin, lam, apply_margin=apply_margin)
+        row_max, row_sum = stream_lse(p.xe, weight, p.inv, target, p.target, chunk)
         lse = row_max + torch.log(row_sum)
-        losses = (lse - tm.logits.to(torch.float64)).to(x.dtype)
-        ctx.save_for_backward(x, weight, target, lse)
-        ctx.tm, ctx.margin, ctx.lam, ctx.reduction, ctx.chunk = tm, margin, lam, reduction, chunk
+        losses = (lse - p.target.to(torch.float64)).to(x.dtype)
+        ctx.save_for_backward(weight, target, lse)
+        ctx.p, ctx.reduction, ctx.chunk = p, reduction, chunk
         return reduce_losses(losses, reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, weight, target, lse = ctx.saved_tensors
-        tm: _TargetMargin = ctx.tm
-        scale = row_scale(grad_out, ctx.reduction, x.shape[0], x.dtype)
-        grad_x, grad_w = stream_grad(x, weight, target, tm.logits, lse, scale, ctx.chunk)
-        add_margin_grad(
-            tm, target_grad(tm.logits, lse, scale), x, weight, grad_x, grad_w, ctx.margin,
-            ctx.lam,
+        weight, target, lse = ctx.saved_tensors
+        p: Prepared = ctx.p
+        scale = row_scale(grad_out, ctx.reduction, p.xe.shape[0], p.xe.dtype)
+        grad_xe, grad_w = stream_grad(
+            p.xe, weight, p.inv, target, p.target, lse, scale, ctx.chunk
         )
+        grad_x = p.backward(grad_xe, target_grad(p.target, lse, scale), grad_w)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        return (grad_x if need_x else None), (grad_w if need_w else None), *([None] * 5)
+        return (grad_x if need_x else None), (grad_w if need_w else None), *([None] * 6)
 
 
 def _lam_value(lam: float | Tensor, x: Tensor) -> float | Tensor:
@@ -317,48 +429,66 @@ def margin_cross_entropy(
     x: Tensor,
     weight: Tensor,
     target: Tensor,
-    margin: int,
+    margin: int | Margin,
     reduction: str = "mean",
     chunk_size: int | None = None,
     *,
     lam: float | Tensor = 0.0,
 ) -> Tensor:
-    """Cross-entropy of the L-Softmax margin logits, streamed over blocks of ``chunk_size`` classes.
+    """Cross-entropy of the margin logits, streamed over blocks of ``chunk_size`` classes.
 
-    Equals ``F.cross_entropy(lsoftmax_logits(x, weight, target, margin, lam), target,
+    ``margin`` is a ``lsoftmax.margins`` spec (``ArcFace(0.5, 64.0)``, ``CosFace``,
+    ``SphereFace``, ``LSoftmax``, ``Combined``...) or an int m, meaning ``LSoftmax(m)``
+    (``margin=1`` is plain softmax cross-entropy). Equals
+    ``F.cross_entropy(margin_logits(x, weight, target, margin, lam), target,
     reduction=reduction)`` (gradients included) without ever holding an N x C tensor. ``lam``
-    is the blending weight (a float or a 0-d tensor, e.g. a schedule's value); ``margin=1`` is
-    plain softmax cross-entropy. float32/float64 on CPU, and on CUDA with a CUDA build.
+    is the blending weight of the kinds that use one (lsoftmax, sphereface; a float or a 0-d
+    tensor, e.g. a schedule's value). float32/float64 on CPU, and on CUDA with a CUDA build.
     """
     check_inputs(x, weight, target)
     if target is None:
         raise ValueError("target is required: the loss needs a label per row")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 or float64 for the fused loss, got {x.dtype}")
-    margin = check_margin(margin)
+    spec = resolve_margin(margin)
     reduction = check_reduction(reduction)
     chunk = check_chunk_size(chunk_size, x.shape[0], weight.shape[0])
-    out = _FusedMarginCE.apply(
-        x, weight, target, margin, _lam_value(lam, x), reduction, chunk
+    return _FusedMarginCE.apply(
+        x, weight, target, spec, _lam_value(lam, x), reduction, chunk, True
     )
-    return out
 
 
-class MarginCrossEntropy(LSoftmaxLinear):
-    """``LSoftmaxLinear`` and cross-entropy in one module, through the fused loss.
+def _plain_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    margin: Margin,
+    reduction: str,
+    chunk_size: int | None,
+) -> Tensor:
+    """Cross-entropy of the kind's plain logits (no margin), streamed the same way."""
+    check_inputs(x, weight, target)
+    chunk = check_chunk_size(chunk_size, x.shape[0], weight.shape[0])
+    return _FusedMarginCE.apply(x, weight, target, margin, 0.0, reduction, chunk, False)
 
-    ``forward(x, target)`` returns the loss (``x`` 2-D): in training mode with the margin at the
-    schedule's lambda (the step counter follows ``LSoftmaxLinear``'s rule), in eval mode plain
-    softmax cross-entropy. ``logits(x)`` gives the plain logits for inference. The parameters
-    and buffers are ``LSoftmaxLinear``'s, so a state_dict loads into either module (and the
-    exporters take the ``LSoftmaxLinear``).
+
+class MarginCrossEntropy(MarginLinear):
+    """``MarginLinear`` and cross-entropy in one module, through the fused loss.
+
+    ``margin``: a ``lsoftmax.margins`` spec, or an int m for L-Softmax (``LSoftmax(m)``, the
+    default m = 4). ``forward(x, target)`` returns the loss (``x`` 2-D): in training mode with
+    the margin (at the schedule's lambda for the kinds that use one; the step counter follows
+    ``MarginLinear``'s rule), in eval mode the cross-entropy of the kind's plain logits.
+    ``logits(x)`` gives the plain logits for inference. The parameters and buffers are
+    ``MarginLinear``'s, so a state_dict loads into ``MarginLinear``, and for an int margin into
+    ``LSoftmaxLinear`` too (the exporters take either).
     """
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        margin: int = 4,
+        margin: int | Margin = 4,
         schedule: Any = None,
         *,
         reduction: str = "mean",
@@ -366,7 +496,10 @@ class MarginCrossEntropy(LSoftmaxLinear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, margin, schedule, device=device, dtype=dtype)
+        super().__init__(
+            in_features, out_features, resolve_margin(margin), schedule, device=device,
+            dtype=dtype,
+        )
         self.reduction = check_reduction(reduction)
         check_chunk_size(chunk_size, 1, out_features)
         self.chunk_size = chunk_size
@@ -378,14 +511,27 @@ class MarginCrossEntropy(LSoftmaxLinear):
         if target is None:
             raise ValueError("target is required: MarginCrossEntropy returns the loss")
         if not self.training:
-            return margin_cross_entropy(
-                x, self.weight, target, 1, self.reduction, self.chunk_size
+            return _plain_cross_entropy(
+                x, self.weight, target, self.margin, self.reduction, self.chunk_size
             )
-        # LSoftmaxLinear's step rule (grad-enabled forwards, or optimizer steps after attach()).
+        # MarginLinear's step rule (grad-enabled forwards, or optimizer steps after attach()).
         lam = self._scheduled_value(True)
         return margin_cross_entropy(
             x, self.weight, target, self.margin, self.reduction, self.chunk_size, lam=lam
         )
+
+    def _state_fields(self) -> dict[str, Any]:
+        fields = super()._state_fields()
+        if isinstance(self.margin, LSoftmax):
+            # LSoftmaxLinear's form (an int), so the state_dict loads into it as well.
+            fields["margin"] = int(self.margin.m)
+        return fields
+
+    def _load_state_fields(self, fields: dict[str, Any]) -> None:
+        m = fields.get("margin")
+        if m is not None and not isinstance(m, dict):
+            fields = {**fields, "margin": LSoftmax(check_margin(m)).to_dict()}
+        super()._load_state_fields(fields)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, reduction={self.reduction!r}, chunk_size={self.chunk_size}"
