@@ -12,7 +12,8 @@ Methods (N=256, D=512, float32, CPU): ``linear`` nn.Linear + F.cross_entropy (th
 (``pip install .[bench]``).
 
 Each (method, C, threads) runs in a fresh subprocess, so its peak is its own: peak memory is
-``ru_maxrss`` after the first step minus ``ru_maxrss`` after the inputs and the weight exist
+``ru_maxrss`` after the first step minus ``ru_maxrss`` after the inputs and the weight exist, the
+process having run one warm-up step at 512 classes (so that loading code pages is not counted)
 (tracemalloc does not see torch's allocations; RSS does, and torch's CPU allocator returns large
 blocks to the OS, so the first step's peak is the step's working set). ``beyond grad W``
 subtracts the C x D weight gradient that every method must produce (what Cut Cross-Entropy
@@ -37,6 +38,7 @@ N, D, MARGIN, LAM = 256, 512, 4, 1.0
 METHODS = ("linear", "layer", "fused", "fused-arcface", "pml-lsoftmax", "pml-arcface")
 MiB = 1024 * 1024
 _PML_TENSORS = 10
+_WARM_CLASSES = 512
 
 
 def _load() -> str:
@@ -94,6 +96,12 @@ def run_case(method: str, classes: int, threads: int | None, reps: int) -> dict[
     if threads is not None:
         torch.set_num_threads(threads)
         core.set_num_threads(threads)
+    # A warm-up step at a small class count first: the first call of a code path faults in the
+    # library pages it runs (tens of MiB of libtorch for autograd, linalg and dtype kernels),
+    # which ru_maxrss counts but which are no working set of the step at this C.
+    w_small, warm = _step_fn(method, _WARM_CLASSES)
+    warm().backward()
+    del w_small, warm
     weight, loss_fn = _step_fn(method, classes)
     before = _maxrss()
     times = []
