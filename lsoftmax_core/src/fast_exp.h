@@ -1,9 +1,10 @@
 // exp for the streaming log-sum-exp loops of the fused loss: branch-free (clamp, Cody-Waite
 // range reduction, polynomial, 2^k from the exponent bits) so the compiler vectorizes the loops
-// over a block of logits; std::exp does not vectorize and would cost more than the GEMM. Errors
-// are within 2 ulp of the type. NaN in gives NaN out; the arguments of the fused loss are <= 0,
-// and results below the clamp (e^-87 in float, e^-708 in double) are negligible next to the
-// e^0 = 1 that every row's sum holds.
+// over a block of logits (GCC if-converts the clamps only under -fno-trapping-math, which the
+// files that use it are compiled with); std::exp does not vectorize and would cost more than the
+// GEMM. Errors are within 2 ulp of the type. NaN in gives NaN out; the arguments of the fused
+// loss are <= 0, and results below the clamp (e^-87 in float, e^-708 in double) are negligible
+// next to the e^0 = 1 that every row's sum holds.
 #pragma once
 
 #include <cstdint>

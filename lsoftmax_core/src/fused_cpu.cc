@@ -35,18 +35,28 @@ T row_max(const T* v, int64_t stride, int64_t n) {
   return m;
 }
 
-// sum_j exp(v_j - shift), exponentials in T, summed in double.
+// sum_j exp(v_j - shift), exponentials in T, summed in double. The exponentials of a tile are
+// computed in one loop and summed in another: the conversion to double in the same loop kept
+// the exp from vectorizing. Element j goes to lane j % kLanes, in index order, whatever the
+// thread count.
 template <bool kUnit, typename T>
 double row_exp_sum(const T* v, int64_t stride, int64_t n, T shift) {
   if (kUnit) stride = 1;
+  constexpr int kTile = 8 * kLanes;
   double acc[kLanes] = {};
+  T e[kTile];
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      acc[k] += static_cast<double>(detail::exp_fast(static_cast<T>(v[(j + k) * stride] - shift)));
+  for (; j + kTile <= n; j += kTile) {
+    for (int t = 0; t < kTile; ++t) {
+      e[t] = detail::exp_fast(static_cast<T>(v[(j + t) * stride] - shift));
+    }
+    for (int t = 0; t < kTile; t += kLanes) {
+      for (int k = 0; k < kLanes; ++k) acc[k] += static_cast<double>(e[t + k]);
     }
   }
-  for (; j < n; ++j) acc[0] += static_cast<double>(detail::exp_fast(static_cast<T>(v[j * stride] - shift)));
+  for (; j < n; ++j) {
+    acc[j % kLanes] += static_cast<double>(detail::exp_fast(static_cast<T>(v[j * stride] - shift)));
+  }
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
