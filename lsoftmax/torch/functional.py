@@ -40,14 +40,22 @@ def lsoftmax_logits(
 
 
 def checked_logits(
-    x: Tensor, weight: Tensor, target: Tensor | None, margin: int, lam: float | Tensor
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor | None,
+    margin: int,
+    lam: float | Tensor,
+    eager: bool | None = None,
 ) -> Tensor:
     """``lsoftmax_logits`` for arguments that were already checked.
 
     Eager calls on CPU tensors run an autograd.Function over the kernels; everything else (CUDA,
     torch.compile, torch.export, the ONNX exporter) goes through the ``lsoftmax::`` custom ops.
+    ``eager``: ``ops.eager_cpu`` of these arguments when the caller has it already.
     """
-    if ops.eager_cpu(x, weight, target, lam if isinstance(lam, Tensor) else None):
+    if eager is None:
+        eager = ops.eager_cpu(x, weight, target, lam if isinstance(lam, Tensor) else None)
+    if eager:
         if target is None or margin == 1:
             return torch.mm(x, weight.t())
         return ops.eager_margin_linear(

@@ -138,8 +138,9 @@ class LSoftmaxLinear(_MarginHead):
         check_inputs(x, weight, target)
         if not (self.training and target is not None):
             return checked_logits(x, weight, None, self.margin, 0.0)
-        lam = self._scheduled_value(ops.eager_cpu(x, weight, target, self.step))
-        return checked_logits(x, weight, target, self.margin, lam)
+        eager = ops.eager_cpu(x, weight, target, self.step)
+        lam = self._scheduled_value(eager)
+        return checked_logits(x, weight, target, self.margin, lam, eager)
 
     def _state_fields(self) -> dict[str, Any]:
         return {**super()._state_fields(), "margin": self.margin}
