@@ -426,3 +426,17 @@ BAD_INPUTS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
 def test_bad_input_raises(call: Callable[[], Any], exc: type[Exception], match: str) -> None:
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_lam_accepts_numpy_scalars() -> None:
+    # np.float32 is no subclass of float; a lambda read from a numpy array must still work.
+    from lsoftmax.torch.functional import lsoftmax_logits
+
+    x = torch.randn(4, 6, dtype=torch.float64)
+    w = torch.randn(3, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    want = lsoftmax_logits(x, w, y, 2, 0.5)
+    for lam in (np.float32(0.5), np.float64(0.5)):
+        torch.testing.assert_close(lsoftmax_logits(x, w, y, 2, lam), want)
+    with pytest.raises(TypeError, match="lam"):
+        lsoftmax_logits(x, w, y, 2, np.bool_(True))

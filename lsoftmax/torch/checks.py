@@ -7,6 +7,7 @@ core's (``lsoftmax._core``), reached through ``check_margin``.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -28,7 +29,8 @@ def check_margin(margin: object) -> int:
 
 
 def check_lambda(lam: object) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+    # numbers.Real: numpy's scalars too (np.float32 is no subclass of float).
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
         raise TypeError(f"lam must be a float, got {type(lam).__name__}")
     if math.isnan(lam) or lam < 0:
         raise ValueError(f"lam must be >= 0 (and not NaN), got {lam}")
