@@ -75,6 +75,12 @@ def main() -> None:
         default=[1, 2],
         help="intra-op (and torch) thread counts, one full table each, in the same run (1 2)",
     )
+    p.add_argument(
+        "--spinning",
+        action="store_true",
+        help="let ORT's intra-op threads spin between runs (default off: the sessions of one "
+        "process would compete through their spinners)",
+    )
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -93,22 +99,29 @@ def run_tables(
     args: argparse.Namespace, model: nn.Module, paths: dict[str, Path], threads: int
 ) -> None:
     torch.set_num_threads(threads)
-    opts = {"intra_op_num_threads": threads}
-    so = onnxruntime.SessionOptions()
-    so.intra_op_num_threads = threads
+
+    def make(path: Path, library: bool) -> onnxruntime.InferenceSession:
+        so = onnxruntime.SessionOptions()
+        so.intra_op_num_threads = threads
+        # Three sessions (and torch) live in this process, each with its own intra-op pool. A
+        # spinning pool keeps its cores busy for a while after each run, so with spinning on the
+        # session timed next would share the cores with the last one's spinners.
+        so.add_session_config_entry("session.intra_op.allow_spinning", str(int(args.spinning)))
+        if library:
+            so.register_custom_ops_library(lort.library_path())
+        return onnxruntime.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
     sessions = {
         # The portable file needs no library; custom and function run our kernel.
-        "ORT portable": onnxruntime.InferenceSession(
-            str(paths["portable"]), so, providers=["CPUExecutionProvider"]
-        ),
-        "ORT custom": lort.session(paths["custom"], **opts),
-        "ORT function": lort.session(paths["function"], **opts),
+        "ORT portable": make(paths["portable"], library=False),
+        "ORT custom": make(paths["custom"], library=True),
+        "ORT function": make(paths["function"], library=True),
     }
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
         f"machine: {_cpu_name()}, {os.cpu_count()} logical cores, threads={threads}, "
-        f"load average {load}"
+        f"ORT spinning {'on' if args.spinning else 'off'}, load average {load}"
     )
     print(
         f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; model "
