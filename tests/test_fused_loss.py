@@ -63,15 +63,21 @@ def test_float64_matches_reference(margin: int, lam: float) -> None:
             assert max_rel_err(a, r) < 1e-12, (reduction, max_rel_err(a, r))
 
 
+def _unfused(x, w, y, logits_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_x, grad_w) of F.cross_entropy over the N x C logits ``logits_fn(x, w)``."""
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = F.cross_entropy(logits_fn(xr, wr), y)
+    loss.backward()
+    return loss.detach(), xr.grad, wr.grad
+
+
 @pytest.mark.parametrize("margin", MARGINS)
 @pytest.mark.parametrize("lam", LAMBDAS)
 def test_float32_matches_unfused_layer(margin: int, lam: float) -> None:
     x, w, y = _data(64, 32, 300, torch.float32, seed=10 + margin, scale=3.0)
     got = _fused(x, w, y, margin, lam, chunk=64)
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = F.cross_entropy(lsoftmax_logits(xr, wr, y, margin, lam), y)
-    loss.backward()
-    for a, r in zip(got, (loss.detach(), xr.grad, wr.grad), strict=True):
+    ref = _unfused(x, w, y, lambda xr, wr: lsoftmax_logits(xr, wr, y, margin, lam))
+    for a, r in zip(got, ref, strict=True):
         assert max_rel_err(a, r) < 1e-6, max_rel_err(a, r)
     # and the float64 reference, for the loss value
     assert max_rel_err(got[0], _ref64(x, w, y, margin, lam)[0]) < 1e-6
@@ -292,10 +298,8 @@ def test_family_float32_matches_margin_logits(spec, lam: float) -> None:
 
     x, w, y = _data(64, 32, 300, torch.float32, seed=22, scale=3.0)
     got = _fused(x, w, y, spec, lam, chunk=64)
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = F.cross_entropy(margin_logits(xr, wr, y, spec, lam), y)
-    loss.backward()
-    for a, r in zip(got, (loss.detach(), xr.grad, wr.grad), strict=True):
+    ref = _unfused(x, w, y, lambda xr, wr: margin_logits(xr, wr, y, spec, lam))
+    for a, r in zip(got, ref, strict=True):
         assert max_rel_err(a, r) < 1e-6, max_rel_err(a, r)
 
 
