@@ -3,6 +3,7 @@
     python benchmarks/bench_huge.py                       # C in 1e4 1e5 1e6, 1 thread and default
     python benchmarks/bench_huge.py --classes 10000 --threads 1
     python benchmarks/bench_huge.py --sharded 4 --classes 100000   # class-sharded over 4 gloo ranks
+    python benchmarks/bench_huge.py --split --classes 100000 --threads 1   # where the time goes
 
 Methods (N=256, D=512, float32, CPU): ``linear`` nn.Linear + F.cross_entropy (the baseline),
 ``layer`` our unfused LSoftmaxLinear + F.cross_entropy, ``fused`` margin_cross_entropy
@@ -195,6 +196,92 @@ def main_single(a: argparse.Namespace) -> None:
     print(f"done; {_load()}")
 
 
+# --- where the fused loss's time goes ---------------------------------------------------------
+
+
+def main_split(a: argparse.Namespace) -> None:
+    """Times the parts of one fused step against nn.Linear + CE, in one process and thread."""
+    import torch
+    import torch.nn.functional as F
+
+    from lsoftmax import _core, core
+    from lsoftmax.torch import _kernels
+    from lsoftmax.torch.functional import margin_cross_entropy
+    from lsoftmax.torch.fused import default_chunk_size
+
+    threads = a.threads or 1
+    torch.set_num_threads(threads)
+    core.set_num_threads(threads)
+    classes = a.classes[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g)
+    y = torch.randint(0, classes, (N,), generator=g)
+    w = torch.nn.Parameter(torch.randn(classes, D, generator=g) * 0.05)
+    wd = w.detach()
+    chunk = default_chunk_size(N, classes)
+    starts = range(0, classes, chunk)
+    buf = torch.empty(N * chunk)
+    block = torch.randn(N, chunk, generator=g)
+    stats = [torch.zeros(N, dtype=torch.float64) for _ in range(3)]
+    target, scale = torch.zeros(N), torch.ones(N)
+
+    def linear() -> None:
+        w.grad = None
+        F.cross_entropy(x @ w.t(), y).backward()
+
+    def fused() -> None:
+        w.grad = None
+        margin_cross_entropy(x, w, y, MARGIN, lam=LAM).backward()
+
+    def one_gemm() -> None:
+        torch.mm(x, wd.t())
+
+    def four_gemms() -> None:
+        # The fused step's GEMMs alone: the forward's block logits, then the backward's
+        # recomputed block and its two gradient GEMMs.
+        gx, gw = torch.zeros(N, D), torch.empty(classes, D)
+        for c0 in starts:
+            wb = wd[c0 : c0 + chunk]
+            torch.mm(x, wb.t(), out=buf[: N * wb.shape[0]].view(N, -1))
+        for c0 in starts:
+            wb = wd[c0 : c0 + chunk]
+            b = torch.mm(x, wb.t(), out=buf[: N * wb.shape[0]].view(N, -1))
+            gx.addmm_(b, wb)
+            torch.mm(b.t(), x, out=gw[c0 : c0 + chunk])
+
+    def lse_kernel() -> None:
+        for c0 in starts:
+            _core.fused_lse_block_(block.numpy(), y.numpy(), c0, target.numpy(),
+                                   stats[0].numpy(), stats[1].numpy(),
+                                   torch_pool=_kernels.TORCH_OPS)
+
+    def grad_kernel() -> None:
+        for c0 in starts:
+            _core.fused_grad_block_(block.numpy(), y.numpy(), c0, target.numpy(),
+                                    stats[2].numpy(), scale.numpy(), torch_pool=_kernels.TORCH_OPS)
+
+    parts = {"nn.Linear + CE (3 GEMMs + CE)": linear, "fused step": fused,
+             "one N x C GEMM (x @ W.T)": one_gemm, "the fused step's 4 blocked GEMMs": four_gemms,
+             "log-sum-exp kernel, all blocks": lse_kernel,
+             "softmax-gradient kernel, all blocks": grad_kernel}
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    for fn in parts.values():
+        fn()  # warm-up
+    for _ in range(a.reps):  # interleaved, so that load drifts hit every part alike
+        for k, fn in parts.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["nn.Linear + CE (3 GEMMs + CE)"])
+    print(f"N={N}, D={D}, C={classes}, float32, {threads} thread(s), blocks of {chunk} classes; "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}; {_load()}")
+    print(f"{'part':>36} {'seconds':>8} {'vs linear':>9}")
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"{k:>36} {m:>8.3f} {m / base:>8.2f}x")
+    print(f"done; {_load()}")
+
+
 # --- class-sharded over gloo ranks ------------------------------------------------------------
 
 
@@ -273,9 +360,13 @@ def main() -> None:
                    help="skip pytorch-metric-learning cases that need more than this")
     p.add_argument("--sharded", type=int, default=None, metavar="WORLD",
                    help="run the class-sharded head over WORLD gloo ranks instead")
+    p.add_argument("--split", action="store_true",
+                   help="time the parts of the fused step (GEMMs, kernels) at the first --classes")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.case is not None:
+    if a.split:
+        main_split(a)
+    elif a.case is not None:
         print(json.dumps(run_case(a.case, a.classes[0], a.threads, a.reps)))
     elif a.sharded:
         main_sharded(a)

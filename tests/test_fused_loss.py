@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from reference import lsoftmax_reference, max_rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -363,3 +364,18 @@ def test_family_module_matches_margin_linear() -> None:
         fused.eval()
         layer.eval()
         assert max_rel_err(fused(x, y), F.cross_entropy(layer(x), y)) < 1e-12
+
+
+def test_bench_huge_split_times_every_part() -> None:
+    # The benchmark behind docs/benchmarks.md's time split runs and reports each part.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_huge.py"), "--split", "--classes",
+         "600", "--threads", "1", "--reps", "1"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    for part in ("nn.Linear + CE", "fused step", "4 blocked GEMMs", "log-sum-exp kernel",
+                 "softmax-gradient kernel"):
+        assert part in out, out
