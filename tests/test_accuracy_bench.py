@@ -157,3 +157,12 @@ def test_benchmark_rejects_an_option_of_another_schedule(tmp_path: Path) -> None
         bench.recipe_of(bench.parse_args(["--recipe", "fmnist", "--gamma", "1e-3"]))
     with pytest.raises(SystemExit, match="held-out"):
         bench.main(["--recipe", "smoke", "--held-out", "3", "3", "--out", str(tmp_path)])
+
+
+def test_recipe_weight_decay_and_its_override() -> None:
+    bench = _bench()
+    assert bench.recipe_of(bench.parse_args(["--recipe", "fmnist"]))["weight_decay"] == 5e-4
+    long = bench.recipe_of(bench.parse_args(["--recipe", "fmnist-long"]))
+    assert (long["weight_decay"], long["epochs"], long["milestones"]) == (5e-5, 16, [10, 14])
+    over = bench.parse_args(["--recipe", "fmnist-long", "--weight-decay", "1e-4"])
+    assert bench.recipe_of(over)["weight_decay"] == 1e-4
