@@ -20,6 +20,8 @@ work="${WHEEL_WORK:-$(mktemp -d)}"
 mkdir -p "$work"
 if [ -z "${WHEEL_WORK:-}" ]; then trap 'rm -rf "$work"' EXIT; fi
 t0=$SECONDS
+# As in setup.sh: a CUDA build (CI passes LSOFTMAX_CUDA=ON) finds nvcc on PATH.
+if [ -d /usr/local/cuda/bin ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
 
 # 1. The wheel, in its own build folder (the editable install's stays untouched).
 unset_ort=(-u ONNXRUNTIME_ROOT)
