@@ -60,27 +60,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         },
         "held_out": [],
     },
-    # The fmnist recipe run twice as long (16 epochs, LR x0.1 after epochs 10 and 14) with a
-    # tenth of its weight decay: the first recipe in which a margin beat softmax (seeds 0, 1).
-    "fmnist-long": {
-        "dataset": "fashion-mnist",
-        "model": "mnist_net",
-        "overrides": NARROW,
-        "margins": [1, 2],
-        "seeds": [0, 1, 2],
-        "epochs": 16,
-        "milestones": [10, 14],
-        "weight_decay": 5e-5,
-        "schedule": {
-            "kind": "onset",
-            "reach": 1.0,
-            "at": 0.3,
-            "warmup": 0.125,
-            "base": 1000.0,
-            "lambda_min": 1.0,
-        },
-        "held_out": [],
-    },
     # The open-set check, a shorter fmnist recipe on 8 classes (24,000 of their training images,
     # 4 epochs, LR x0.1 after epochs 2 and 3): T-shirt/top (0) and Shirt (6), two look-alike
     # classes (so that the check is not at its ceiling), are never seen in training.
@@ -165,6 +144,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
+
+# The fmnist recipe run twice as long (16 epochs, LR x0.1 after epochs 10 and 14) with a tenth of
+# its weight decay: a margin beat softmax at seed 0 and lost at seed 1 (docs/accuracy.md).
+RECIPES["fmnist-long"] = {
+    **RECIPES["fmnist"], "epochs": 16, "milestones": [10, 14], "weight_decay": 5e-5
+}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
