@@ -15,7 +15,7 @@ from torch import Tensor
 from lsoftmax import _core
 from lsoftmax._checks import check_features
 
-__all__ = ["check_inputs", "check_lambda", "check_margin", "check_target"]
+__all__ = ["check_inputs", "check_lam_arg", "check_lambda", "check_margin", "check_target"]
 
 _FLOATS = (torch.float32, torch.float64)
 _LABELS = (torch.int32, torch.int64)
@@ -35,6 +35,16 @@ def check_lambda(lam: object) -> float:
     if math.isnan(lam) or lam < 0:
         raise ValueError(f"lam must be >= 0 (and not NaN), got {lam}")
     return float(lam)
+
+
+def check_lam_arg(lam: object) -> float | Tensor:
+    """``lam`` as the layers take it: a float (``check_lambda``), or a 0-d tensor (a schedule's
+    value), returned as it is."""
+    if isinstance(lam, Tensor):
+        if lam.dim() != 0:
+            raise ValueError(f"lam must be a float or a 0-d tensor, got shape {tuple(lam.shape)}")
+        return lam
+    return check_lambda(lam)
 
 
 def check_inputs(x: Tensor, weight: Tensor, target: Tensor | None) -> None:

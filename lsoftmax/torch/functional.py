@@ -8,7 +8,13 @@ from torch import Tensor
 
 from lsoftmax.margins import Margin
 from lsoftmax.torch import ops  # also registers torch.ops.lsoftmax
-from lsoftmax.torch.checks import check_inputs, check_lambda, check_margin, check_target
+from lsoftmax.torch.checks import (
+    check_inputs,
+    check_lam_arg,
+    check_lambda,
+    check_margin,
+    check_target,
+)
 
 __all__ = [
     "check_inputs",
@@ -31,11 +37,7 @@ def lsoftmax_logits(
     """
     check_inputs(x, weight, target)
     margin = check_margin(margin)
-    if isinstance(lam, Tensor):
-        if lam.dim() != 0:
-            raise ValueError(f"lam must be a float or a 0-d tensor, got shape {tuple(lam.shape)}")
-    else:
-        lam = check_lambda(lam)
+    lam = check_lam_arg(lam)
     return checked_logits(x, weight, target, margin, lam)
 
 
@@ -85,11 +87,7 @@ def margin_logits(
     if not isinstance(margin, Margin):
         raise TypeError(f"margin must be a lsoftmax.margins.Margin, got {margin!r}")
     check_inputs(x, weight, target)
-    if isinstance(lam, Tensor):
-        if lam.dim() != 0:
-            raise ValueError(f"lam must be a float or a 0-d tensor, got shape {tuple(lam.shape)}")
-    else:
-        lam = check_lambda(lam)
+    lam = check_lam_arg(lam)
     return family_logits(x, weight, target, margin, lam)
 
 

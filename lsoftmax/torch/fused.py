@@ -43,7 +43,7 @@ from torch import Tensor
 from lsoftmax import _core
 from lsoftmax.margins import LSoftmax, Margin
 from lsoftmax.torch import _kernels
-from lsoftmax.torch.functional import check_inputs, check_lambda, check_margin
+from lsoftmax.torch.checks import check_inputs, check_lam_arg, check_lambda, check_margin
 from lsoftmax.torch.modules import MarginLinear
 
 __all__ = [
@@ -415,14 +415,13 @@ class _FusedMarginCE(torch.autograd.Function):
 
 
 def _lam_value(lam: float | Tensor, x: Tensor) -> float | Tensor:
+    lam = check_lam_arg(lam)
     if isinstance(lam, Tensor):
-        if lam.dim() != 0:
-            raise ValueError(f"lam must be a float or a 0-d tensor, got shape {tuple(lam.shape)}")
         # A CUDA lambda for CUDA inputs stays on the device (the margin kernels read it there).
         if lam.device.type == "cuda" and x.device.type == "cuda":
             return lam
         return check_lambda(float(lam.item()))
-    return check_lambda(lam)
+    return lam
 
 
 def margin_cross_entropy(
