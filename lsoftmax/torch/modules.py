@@ -91,7 +91,28 @@ class _MarginHead(ScheduledStep):
         return self._logits(x, self.weight, target)
 
     def _logits(self, x: Tensor, weight: Tensor, target: Tensor | None) -> Tensor:
+        check_inputs(x, weight, target)
+        if not (self.training and target is not None):
+            return self._margin_logits(x, weight, None, 0.0, None)
+        eager = ops.eager_cpu(x, weight, target, self.step)
+        return self._margin_logits(x, weight, target, self._scheduled_value(eager), eager)
+
+    def _margin_logits(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        target: Tensor | None,
+        lam: float | Tensor,
+        eager: bool | None,
+    ) -> Tensor:
+        """The head's logits for checked inputs (``eager``: ``ops.eager_cpu`` of them, or None)."""
         raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"margin={self.margin}, schedule={self.schedule}"
+        )
 
 
 class LSoftmaxLinear(_MarginHead):
@@ -134,12 +155,14 @@ class LSoftmaxLinear(_MarginHead):
         )
         self.margin = margin
 
-    def _logits(self, x: Tensor, weight: Tensor, target: Tensor | None) -> Tensor:
-        check_inputs(x, weight, target)
-        if not (self.training and target is not None):
-            return checked_logits(x, weight, None, self.margin, 0.0)
-        eager = ops.eager_cpu(x, weight, target, self.step)
-        lam = self._scheduled_value(eager)
+    def _margin_logits(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        target: Tensor | None,
+        lam: float | Tensor,
+        eager: bool | None,
+    ) -> Tensor:
         return checked_logits(x, weight, target, self.margin, lam, eager)
 
     def _state_fields(self) -> dict[str, Any]:
@@ -149,12 +172,6 @@ class LSoftmaxLinear(_MarginHead):
         margin = check_margin(fields.get("margin", self.margin))
         super()._load_state_fields(fields)
         self.margin = margin
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"margin={self.margin}, schedule={self.schedule}"
-        )
 
 
 class MarginLinear(_MarginHead):
@@ -194,11 +211,14 @@ class MarginLinear(_MarginHead):
         )
         self.margin = margin
 
-    def _logits(self, x: Tensor, weight: Tensor, target: Tensor | None) -> Tensor:
-        check_inputs(x, weight, target)
-        if not (self.training and target is not None):
-            return family_logits(x, weight, None, self.margin, 0.0)
-        lam = self._scheduled_value(ops.eager_cpu(x, weight, target, self.step))
+    def _margin_logits(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        target: Tensor | None,
+        lam: float | Tensor,
+        eager: bool | None,
+    ) -> Tensor:
         return family_logits(x, weight, target, self.margin, lam)
 
     def _state_fields(self) -> dict[str, Any]:
@@ -209,9 +229,3 @@ class MarginLinear(_MarginHead):
         margin = self.margin if d is None else margin_from_dict(d)
         super()._load_state_fields(fields)
         self.margin = margin
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"margin={self.margin}, schedule={self.schedule}"
-        )
