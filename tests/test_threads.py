@@ -222,12 +222,23 @@ def test_torch_extension_is_built_and_used() -> None:
     torch.testing.assert_close(eager, op, rtol=0, atol=0)
     g = torch.randn(64, 5, generator=gen, dtype=torch.float64)
     grads = [torch.autograd.grad(t, (x, w), g) for t in (eager, fallback, op)]
-    # The same forward stats, the same kernels: bit-equal. The custom op's backward recomputes
-    # the norms and cosines (summed in another order): equal to rounding.
-    for a, b in zip(grads[0], grads[1], strict=True):
+    # With 5 classes and 16 features the C++ node folds the margin into its GEMMs (the other
+    # paths add it after them): equal to rounding. The custom op's backward also recomputes the
+    # norms and cosines (summed in another order).
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # With more classes than N D / (N + D) it does not fold: the same forward stats and the
+    # same kernels as the fallback, bit-equal.
+    w_wide = torch.randn(300, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    y_wide = torch.randint(0, 300, (64,), generator=gen)
+    g_wide = torch.randn(64, 300, generator=gen, dtype=torch.float64)
+    wide = [
+        torch.autograd.grad(f(x, w_wide, y_wide, 4, 0.5), (x, w_wide), g_wide)
+        for f in (lsoftmax_logits, ops._EagerMarginLinear.apply)
+    ]
+    for a, b in zip(*wide, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(grads[0], grads[2], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_torch_extension_reports_bad_labels_like_the_core() -> None:

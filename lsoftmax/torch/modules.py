@@ -95,7 +95,16 @@ class _MarginHead(ScheduledStep):
         if not (self.training and target is not None):
             return self._margin_logits(x, weight, None, 0.0, None)
         eager = ops.eager_cpu(x, weight, target, self.step)
+        if eager:
+            logits = self._eager_training_logits(x, weight, target)
+            if logits is not None:
+                return logits
         return self._margin_logits(x, weight, target, self._scheduled_value(eager), eager)
+
+    def _eager_training_logits(self, x: Tensor, weight: Tensor, target: Tensor) -> Tensor | None:
+        """The eager CPU training logits in one native call (lambda and the counter included),
+        for heads that have one; None: take the general path."""
+        return None
 
     def _margin_logits(
         self,
@@ -164,6 +173,16 @@ class LSoftmaxLinear(_MarginHead):
         eager: bool | None,
     ) -> Tensor:
         return checked_logits(x, weight, target, self.margin, lam, eager)
+
+    def _eager_training_logits(self, x: Tensor, weight: Tensor, target: Tensor) -> Tensor | None:
+        if ops.SCHEDULED_MARGIN_LINEAR is None:
+            return None
+        # Evaluated first: it may warn (DDP), and the op advances the counter only if it counts.
+        count = self._counts_this_forward()
+        return ops.SCHEDULED_MARGIN_LINEAR(
+            x, weight, target, self.margin, self.step, self._schedule.kind,
+            self._schedule_params, count,
+        )
 
     def _state_fields(self) -> dict[str, Any]:
         return {**super()._state_fields(), "margin": self.margin}

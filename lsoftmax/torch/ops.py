@@ -368,6 +368,12 @@ class _EagerMarginLinear(torch.autograd.Function):
 _CPP_MARGIN_LINEAR = torch.ops.lsoftmax_cpu.margin_linear.default if _kernels.TORCH_OPS else None
 
 
+# The scheduled head's training forward (schedule, step counter and layer) in one C++ call.
+SCHEDULED_MARGIN_LINEAR = (
+    torch.ops.lsoftmax_cpu.scheduled_margin_linear.default if _kernels.TORCH_OPS else None
+)
+
+
 def eager_margin_linear(
     x: Tensor, weight: Tensor, labels: Tensor, margin: int, lam: float
 ) -> Tensor:

@@ -130,11 +130,16 @@ class ScheduledStep(nn.Module):
             value = torch.ops.lsoftmax.schedule_lambda(
                 self.step, self._schedule.kind, self._schedule_params
             )
-        if torch.is_grad_enabled() and not self.counts_optimizer_steps:
+        if self._counts_this_forward():
             self.step.add_(1)
-            if not self._warned_distributed and not torch.compiler.is_compiling():
-                self._warn_if_distributed()
         return value
+
+    def _counts_this_forward(self) -> bool:
+        """Whether a training forward now advances the counter (warning once under DDP if so)."""
+        count = torch.is_grad_enabled() and not self.counts_optimizer_steps
+        if count and not self._warned_distributed and not torch.compiler.is_compiling():
+            self._warn_if_distributed()
+        return count
 
     def _warn_if_distributed(self) -> None:
         self._warned_distributed = True

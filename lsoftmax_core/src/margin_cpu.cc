@@ -223,16 +223,16 @@ Status margin_forward(MatrixView<const T> x, MatrixView<const T> w, LabelView<L>
   return Status::Ok();
 }
 
-template <typename T, typename L>
-Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
-                       MatrixView<const T> w, LabelView<L> labels, MatrixView<T> grad_x,
-                       MatrixView<T> grad_w, int64_t margin, double lambda,
-                       RowStats<T> forward_stats) {
-  Status s = check_all(x, w, labels, margin, lambda);
-  if (s.ok()) s = check_matrix("grad_logits", grad_logits, x.rows, w.rows);
-  if (s.ok()) s = check_matrix("grad_x", grad_x, x.rows, x.cols);
-  if (s.ok()) s = check_matrix("grad_weight", grad_w, w.rows, w.cols);
-  if (!s.ok() || margin == 1) return s;
+namespace {
+
+// Checks the backward's inputs, then calls on_row(i, t, RowGrad) for every non-degenerate row
+// (in parallel over rows; degenerate rows are left out, their terms being zero). The forward's
+// stats, when all four are given, replace recomputing the norms and cosines.
+template <typename T, typename L, typename OnRow>
+Status for_each_row_grad(MatrixView<const T> grad_logits, MatrixView<const T> x,
+                         MatrixView<const T> w, LabelView<L> labels, int64_t margin,
+                         double lambda, RowStats<T> forward_stats, int64_t row_cost,
+                         OnRow&& on_row) {
   const int m = static_cast<int>(margin);
   const T lam = static_cast<T>(lambda);
   const int64_t n = x.rows, d = x.cols;
@@ -250,9 +250,7 @@ Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
                                      "returned for the same inputs and margin");
     }
   }
-
-  std::vector<RowGrad<T>> rows(static_cast<size_t>(n));
-  detail::parallel_for(n, (reuse ? 2 : 5) * d + 8 * m, [&](int64_t i) {
+  detail::parallel_for(n, (reuse ? 0 : 3) * d + row_cost + 8 * m, [&](int64_t i) {
     const int64_t t = static_cast<int64_t>(labels[i]);
     T nx, nw, c;
     int k;
@@ -269,14 +267,32 @@ Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
       c = degenerate ? T(0) : clamp_cos(static_cast<T>(dots.xw) / (nx * nw));
       k = degenerate ? -1 : margin_segment(m, c, thresholds.data());
     }
-    if (k < 0) {
-      rows[static_cast<size_t>(i)] = RowGrad<T>{T(0), T(0), T(0)};
-      return;
-    }
-    const RowGrad<T> r = margin_row_grad_at(c, k, nx, nw, m, lam, grad_logits(i, t));
-    rows[static_cast<size_t>(i)] = r;
-    axpy2_row(grad_x, i, r.delta, w, t, r.coef_x, x, i);
+    if (k < 0) return;
+    on_row(i, t, margin_row_grad_at(c, k, nx, nw, m, lam, grad_logits(i, t)));
   });
+  return Status::Ok();
+}
+
+}  // namespace
+
+template <typename T, typename L>
+Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
+                       MatrixView<const T> w, LabelView<L> labels, MatrixView<T> grad_x,
+                       MatrixView<T> grad_w, int64_t margin, double lambda,
+                       RowStats<T> forward_stats) {
+  Status s = check_all(x, w, labels, margin, lambda);
+  if (s.ok()) s = check_matrix("grad_logits", grad_logits, x.rows, w.rows);
+  if (s.ok()) s = check_matrix("grad_x", grad_x, x.rows, x.cols);
+  if (s.ok()) s = check_matrix("grad_weight", grad_w, w.rows, w.cols);
+  if (!s.ok() || margin == 1) return s;
+  const int64_t n = x.rows, d = x.cols;
+  std::vector<RowGrad<T>> rows(static_cast<size_t>(n), RowGrad<T>{T(0), T(0), T(0)});
+  s = for_each_row_grad(grad_logits, x, w, labels, margin, lambda, forward_stats, 2 * d,
+                        [&](int64_t i, int64_t t, const RowGrad<T>& r) {
+                          rows[static_cast<size_t>(i)] = r;
+                          axpy2_row(grad_x, i, r.delta, w, t, r.coef_x, x, i);
+                        });
+  if (!s.ok()) return s;
 
   // Group samples by class (stable: sample order within a class) so each grad_w row is owned by
   // one thread and summed in a fixed order.
@@ -302,6 +318,35 @@ Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
       axpy_row(grad_w, t, rows[static_cast<size_t>(i)].delta, x, i);
     }
   });
+  return Status::Ok();
+}
+
+template <typename T, typename L>
+Status margin_backward_fold(MatrixView<T> grad_logits, MatrixView<const T> x,
+                            MatrixView<const T> w, LabelView<L> labels, T* coef_x,
+                            T* coef_w_by_class, int64_t margin, double lambda,
+                            RowStats<T> forward_stats) {
+  const MatrixView<const T> g{grad_logits.data, grad_logits.rows, grad_logits.cols,
+                              grad_logits.row_stride, grad_logits.col_stride};
+  Status s = check_all(x, w, labels, margin, lambda);
+  if (s.ok()) s = check_matrix("grad_logits", g, x.rows, w.rows);
+  if (!s.ok()) return s;
+  std::fill(coef_x, coef_x + x.rows, T(0));
+  std::fill(coef_w_by_class, coef_w_by_class + w.rows, T(0));
+  if (margin == 1) return s;
+  std::vector<T> coef_w(static_cast<size_t>(x.rows), T(0));
+  // Each row reads and then rewrites only its own target entry of grad_logits.
+  s = for_each_row_grad(g, x, w, labels, margin, lambda, forward_stats, 0,
+                        [&](int64_t i, int64_t t, const RowGrad<T>& r) {
+                          grad_logits(i, t) += r.delta;
+                          coef_x[i] = r.coef_x;
+                          coef_w[static_cast<size_t>(i)] = r.coef_w;
+                        });
+  if (!s.ok()) return s;
+  // Summed in sample order: the result does not depend on the thread count.
+  for (int64_t i = 0; i < x.rows; ++i) {
+    coef_w_by_class[static_cast<int64_t>(labels[i])] += coef_w[static_cast<size_t>(i)];
+  }
   return Status::Ok();
 }
 
@@ -341,6 +386,9 @@ Status margin_family_forward(const MarginSpec& spec, double lambda, MatrixView<c
   template Status margin_backward<T, L>(MatrixView<const T>, MatrixView<const T>,              \
                                         MatrixView<const T>, LabelView<L>, MatrixView<T>,      \
                                         MatrixView<T>, int64_t, double, RowStats<T>);         \
+  template Status margin_backward_fold<T, L>(MatrixView<T>, MatrixView<const T>,               \
+                                             MatrixView<const T>, LabelView<L>, T*, T*, int64_t, \
+                                             double, RowStats<T>);                             \
   template Status margin_family_forward<T, L>(const MarginSpec&, double, MatrixView<const T>,  \
                                               MatrixView<const T>, LabelView<L>, MatrixView<T>);
 LSOFTMAX_INSTANTIATE(float, int32_t)

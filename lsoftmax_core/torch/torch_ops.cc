@@ -18,8 +18,11 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "lsoftmax/lsoftmax.h"
+#include "lsoftmax/schedules.h"
 
 namespace {
 
@@ -137,6 +140,41 @@ void backward_inplace(const at::Tensor& grad, const at::Tensor& x, const at::Ten
   });
 }
 
+// Folding the margin into the backward GEMMs costs a copy of G (N x C) and one pass over the
+// weight (C x D) and saves the class-grouped pass over x (N x D): it pays for fewer classes than
+// N D / (N + D) (170 at N = 256, D = 512; measured in docs/benchmarks.md).
+bool fold_pays(int64_t n, int64_t c, int64_t d) { return c * (n + d) <= n * d; }
+
+// grad_x = G' W + coef_x x and grad_w = G'^T x + coef_w w, where G' is G with each row's
+// w-direction margin term added to its target entry (lsoftmax::margin_backward_fold).
+std::pair<at::Tensor, at::Tensor> backward_folded(const at::Tensor& grad, const at::Tensor& x,
+                                                  const at::Tensor& w, const at::Tensor& labels,
+                                                  int64_t margin, double lam,
+                                                  const Stats& stats) {
+  check_same_dtype("grad_logits", grad, x);
+  at::Tensor g = grad.clone(at::MemoryFormat::Contiguous);  // G may be shared in the graph
+  at::Tensor coef_x = at::empty({x.size(0), 1}, x.options());
+  at::Tensor coef_w = at::empty({w.size(0), 1}, x.options());
+  dispatch(x, labels, [&](auto t_tag, auto l_tag) {
+    using T = decltype(t_tag);
+    using L = decltype(l_tag);
+    Status s;
+    {
+      const lsoftmax::ParallelScope pool(kTorchPool);
+      s = lsoftmax::margin_backward_fold<T, L>(
+          mview<T>("grad_logits", g), cview<T>("x", x), cview<T>("weight", w), lview<L>(labels),
+          coef_x.mutable_data_ptr<T>(), coef_w.mutable_data_ptr<T>(), margin, lam,
+          row_stats<T>(stats));
+    }
+    raise_if_error(s);
+  });
+  at::Tensor grad_x = at::mm(g, w);
+  grad_x.addcmul_(x, coef_x);
+  at::Tensor grad_w = at::mm(g.t(), x);
+  grad_w.addcmul_(w, coef_w);
+  return {grad_x, grad_w};
+}
+
 // --- ops ------------------------------------------------------------------------------------
 
 void margin_forward_op(const at::Tensor& logits, const at::Tensor& x, const at::Tensor& w,
@@ -180,11 +218,17 @@ class MarginLinear : public torch::autograd::Function<MarginLinear> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &labels = saved[2];
     const Stats stats{saved[3], saved[4], saved[5], saved[6]};
-    const at::Tensor grad = grads[0].contiguous();
-    at::Tensor grad_x = at::mm(grad, w);
-    at::Tensor grad_w = at::mm(grad.t(), x);
-    backward_inplace(grad, x, w, labels, grad_x, grad_w, ctx->saved_data["margin"].toInt(),
-                     ctx->saved_data["lam"].toDouble(), stats);
+    const int64_t margin = ctx->saved_data["margin"].toInt();
+    const double lam = ctx->saved_data["lam"].toDouble();
+    at::Tensor grad_x, grad_w;
+    if (margin > 1 && fold_pays(x.size(0), w.size(0), x.size(1))) {
+      std::tie(grad_x, grad_w) = backward_folded(grads[0], x, w, labels, margin, lam, stats);
+    } else {
+      const at::Tensor grad = grads[0].contiguous();
+      grad_x = at::mm(grad, w);
+      grad_w = at::mm(grad.t(), x);
+      backward_inplace(grad, x, w, labels, grad_x, grad_w, margin, lam, stats);
+    }
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     return {need_x ? grad_x : at::Tensor(), need_w ? grad_w : at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
@@ -203,6 +247,29 @@ at::Tensor margin_linear_op(const at::Tensor& x, const at::Tensor& w, const at::
   return MarginLinear::apply(x, w, labels, margin, lam);
 }
 
+// The scheduled head's eager training forward in one call: lambda from the schedule at the step
+// counter, the counter advanced when this forward counts, then margin_linear. In Python these
+// were a host read of the counter, a schedule evaluation and an in-place add: about a third of
+// the layer's overhead at small class counts.
+at::Tensor scheduled_margin_linear_op(const at::Tensor& x, const at::Tensor& w,
+                                      const at::Tensor& labels, int64_t margin,
+                                      const at::Tensor& step, c10::string_view kind,
+                                      c10::ArrayRef<double> params, bool count) {
+  TORCH_CHECK_VALUE(step.device().is_cpu() && step.dim() == 0 && step.scalar_type() == at::kLong,
+                    "step must be a 0-d int64 CPU tensor, got ", step.scalar_type(), " of shape ",
+                    step.sizes(), " on ", step.device());
+  lsoftmax::ScheduleSpec spec;
+  raise_if_error(lsoftmax::make_schedule(std::string(kind).c_str(), params.data(), params.size(),
+                                         &spec));
+  const double lam = lsoftmax::schedule_value(spec, step.item<int64_t>());
+  at::Tensor logits = MarginLinear::apply(x, w, labels, margin, lam);
+  if (count) {  // after the layer: a forward that raised does not count
+    const at::NoGradGuard no_grad;
+    step.add_(1);
+  }
+  return logits;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lsoftmax_cpu, m) {
@@ -211,6 +278,8 @@ TORCH_LIBRARY(lsoftmax_cpu, m) {
   m.def("margin_backward_(Tensor grad_logits, Tensor x, Tensor weight, Tensor labels, "
         "Tensor(a!) grad_x, Tensor(b!) grad_weight, int margin, float lam) -> ()");
   m.def("margin_linear(Tensor x, Tensor weight, Tensor labels, int margin, float lam) -> Tensor");
+  m.def("scheduled_margin_linear(Tensor x, Tensor weight, Tensor labels, int margin, "
+        "Tensor(a!) step, str kind, float[] params, bool count) -> Tensor");
   m.def("parallel_for_address() -> int", TORCH_FN(parallel_for_address_op));
   m.impl("margin_forward_", c10::DispatchKey::CPU, TORCH_FN(margin_forward_op));
   m.impl("margin_backward_", c10::DispatchKey::CPU, TORCH_FN(margin_backward_op));
@@ -218,4 +287,6 @@ TORCH_LIBRARY(lsoftmax_cpu, m) {
   // torch.compile and export see the Python lsoftmax:: ops instead.
   m.impl("margin_linear", c10::DispatchKey::CompositeImplicitAutograd,
          TORCH_FN(margin_linear_op));
+  m.impl("scheduled_margin_linear", c10::DispatchKey::CompositeImplicitAutograd,
+         TORCH_FN(scheduled_margin_linear_op));
 }

@@ -85,4 +85,17 @@ Status margin_backward(MatrixView<const T> grad_logits, MatrixView<const T> x,
                        MatrixView<T> grad_w, int64_t margin, double lambda,
                        RowStats<T> forward_stats = RowStats<T>());
 
+// margin_backward for hosts that fold the margin into their GEMMs, which pays when there are
+// fewer classes than features: it adds each row's w-direction term to its target entry of
+// grad_logits (a copy of G that the host owns, N x C, rewritten in place), so that the host's
+// grad_x = G' W and grad_w = G'^T x carry it, and returns the two rank-one coefficients for the
+// host to add: grad_x[i] += coef_x[i] x[i] (N values) and grad_w[c] += coef_w_by_class[c] w[c]
+// (C values, each summed over the class's samples in sample order). Degenerate rows, and every
+// row for margin 1, leave G' unchanged and get zero coefficients.
+template <typename T, typename L>
+Status margin_backward_fold(MatrixView<T> grad_logits, MatrixView<const T> x,
+                            MatrixView<const T> w, LabelView<L> labels, T* coef_x,
+                            T* coef_w_by_class, int64_t margin, double lambda,
+                            RowStats<T> forward_stats = RowStats<T>());
+
 }  // namespace lsoftmax
