@@ -82,6 +82,20 @@ void dispatch(const at::Tensor& x, const at::Tensor& labels, F&& f) {
   return f(double{}, int64_t{});
 }
 
+// Runs core(T{}, L{}) -> Status for the call's types, its loops on torch's pool, and raises
+// the core's error as a torch error.
+template <typename F>
+void run_core(const at::Tensor& x, const at::Tensor& labels, F&& core) {
+  dispatch(x, labels, [&](auto t_tag, auto l_tag) {
+    Status s;
+    {
+      const lsoftmax::ParallelScope pool(kTorchPool);
+      s = core(t_tag, l_tag);
+    }
+    raise_if_error(s);
+  });
+}
+
 void check_same_dtype(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " is ", t.scalar_type(),
                    " but x is ", x.scalar_type(), "; they must match");
@@ -104,17 +118,12 @@ void forward_inplace(const at::Tensor& logits, const at::Tensor& x, const at::Te
                      const at::Tensor& labels, int64_t margin, double lam, const Stats& stats) {
   check_same_dtype("weight", w, x);
   check_same_dtype("logits", logits, x);
-  dispatch(x, labels, [&](auto t_tag, auto l_tag) {
+  run_core(x, labels, [&](auto t_tag, auto l_tag) {
     using T = decltype(t_tag);
     using L = decltype(l_tag);
-    Status s;
-    {
-      const lsoftmax::ParallelScope pool(kTorchPool);
-      s = lsoftmax::margin_forward<T, L>(cview<T>("x", x), cview<T>("weight", w), lview<L>(labels),
-                                         mview<T>("logits", logits), margin, lam,
-                                         row_stats<T>(stats));
-    }
-    raise_if_error(s);
+    return lsoftmax::margin_forward<T, L>(cview<T>("x", x), cview<T>("weight", w),
+                                          lview<L>(labels), mview<T>("logits", logits), margin,
+                                          lam, row_stats<T>(stats));
   });
 }
 
@@ -125,18 +134,13 @@ void backward_inplace(const at::Tensor& grad, const at::Tensor& x, const at::Ten
   check_same_dtype("grad_logits", grad, x);
   check_same_dtype("grad_x", grad_x, x);
   check_same_dtype("grad_weight", grad_w, x);
-  dispatch(x, labels, [&](auto t_tag, auto l_tag) {
+  run_core(x, labels, [&](auto t_tag, auto l_tag) {
     using T = decltype(t_tag);
     using L = decltype(l_tag);
-    Status s;
-    {
-      const lsoftmax::ParallelScope pool(kTorchPool);
-      s = lsoftmax::margin_backward<T, L>(
-          cview<T>("grad_logits", grad), cview<T>("x", x), cview<T>("weight", w), lview<L>(labels),
-          mview<T>("grad_x", grad_x), mview<T>("grad_weight", grad_w), margin, lam,
-          row_stats<T>(stats));
-    }
-    raise_if_error(s);
+    return lsoftmax::margin_backward<T, L>(
+        cview<T>("grad_logits", grad), cview<T>("x", x), cview<T>("weight", w), lview<L>(labels),
+        mview<T>("grad_x", grad_x), mview<T>("grad_weight", grad_w), margin, lam,
+        row_stats<T>(stats));
   });
 }
 
@@ -155,18 +159,13 @@ std::pair<at::Tensor, at::Tensor> backward_folded(const at::Tensor& grad, const 
   at::Tensor g = grad.clone(at::MemoryFormat::Contiguous);  // G may be shared in the graph
   at::Tensor coef_x = at::empty({x.size(0), 1}, x.options());
   at::Tensor coef_w = at::empty({w.size(0), 1}, x.options());
-  dispatch(x, labels, [&](auto t_tag, auto l_tag) {
+  run_core(x, labels, [&](auto t_tag, auto l_tag) {
     using T = decltype(t_tag);
     using L = decltype(l_tag);
-    Status s;
-    {
-      const lsoftmax::ParallelScope pool(kTorchPool);
-      s = lsoftmax::margin_backward_fold<T, L>(
-          mview<T>("grad_logits", g), cview<T>("x", x), cview<T>("weight", w), lview<L>(labels),
-          coef_x.mutable_data_ptr<T>(), coef_w.mutable_data_ptr<T>(), margin, lam,
-          row_stats<T>(stats));
-    }
-    raise_if_error(s);
+    return lsoftmax::margin_backward_fold<T, L>(
+        mview<T>("grad_logits", g), cview<T>("x", x), cview<T>("weight", w), lview<L>(labels),
+        coef_x.mutable_data_ptr<T>(), coef_w.mutable_data_ptr<T>(), margin, lam,
+        row_stats<T>(stats));
   });
   at::Tensor grad_x = at::mm(g, w);
   grad_x.addcmul_(x, coef_x);
