@@ -242,6 +242,64 @@ def profile_lsoftmax(n: int, d: int, c: int, margin: int, device: torch.device) 
 NAMES = ("(a) linear", "(b) lsoftmax", "(c) pml")
 
 
+def split_parts(
+    n: int, d: int, c: int, margin: int, repeats: int, warmup: int
+) -> list[tuple[str, float]]:
+    """Microseconds per step of (a), (b) and of (b) with its layers peeled off one at a time
+    (CPU, eager): the C++ op that (b)'s forward calls, without the module's Python; then without
+    the schedule and step counter; then at margin 1 (the autograd node, its GEMMs and the
+    forward's row stats, no margin terms). Blocks of steps, the parts taking turns in a shuffled
+    order; the median of the blocks."""
+    from lsoftmax.torch import ops
+
+    if ops.SCHEDULED_MARGIN_LINEAR is None:
+        raise SystemExit("--split needs the libtorch extension (lsoftmax/_torch_ops.so)")
+    torch.manual_seed(0)
+    x = torch.randn(n, d, requires_grad=True)
+    y = torch.randint(0, c, (n,))
+    linear = nn.Linear(d, c, bias=False)
+    lsm = LSoftmaxLinear(d, c, margin=margin).train()
+    w, step = lsm.weight, lsm.step
+    kind, params = lsm.schedule.kind, lsm.schedule.params()
+    scheduled, plain = ops.SCHEDULED_MARGIN_LINEAR, torch.ops.lsoftmax_cpu.margin_linear.default
+    lam = lsm.schedule.value(0)
+    parts: dict[str, Callable[[], Tensor]] = {
+        "(a) nn.Linear + CE": lambda: F.cross_entropy(linear(x), y),
+        "(b) LSoftmaxLinear + CE": lambda: F.cross_entropy(lsm(x, y), y),
+        "(b)'s C++ op, called directly": lambda: F.cross_entropy(
+            scheduled(x, w, y, margin, step, kind, params, True), y
+        ),
+        "... without schedule and counter": lambda: F.cross_entropy(plain(x, w, y, margin, lam), y),
+        "... at margin 1 (no margin terms)": lambda: F.cross_entropy(plain(x, w, y, 1, lam), y),
+    }
+    block = max(4, 2000 // max(c, 1))
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    names = list(parts)
+    rng = random.Random(0)
+    for r in range(warmup + repeats):
+        rng.shuffle(names)
+        for name in names:
+            t0 = _clock()
+            for _ in range(block):
+                train_step(lsm, x, parts[name])
+            if r >= warmup:
+                times[name].append((_clock() - t0) / block)
+    return [(k, 1e6 * statistics.median(times[k])) for k in parts]
+
+
+def print_split(parts: list[tuple[str, float]], c: int, threads: int) -> None:
+    """The parts as a table; "adds" is what a row costs over the row below it (the last row:
+    over (a)), i.e. what each peeled-off layer costs."""
+    base = parts[0][1]
+    print(f"\nwhere (b)'s time goes, C={c}, threads {threads} (microseconds per step)")
+    print("| part | us | vs (a) | adds |")
+    print("|---|---:|---:|---:|")
+    for i, (name, us) in enumerate(parts):
+        below = None if i == 0 else (parts[i + 1][1] if i + 1 < len(parts) else base)
+        adds = "" if below is None else f"{us - below:+.1f}"
+        print(f"| {name} | {us:.1f} | {us / base:.3f} | {adds} |")
+
+
 def table_row(c: int, r: dict[str, dict[str, float]], device: torch.device) -> str:
     base = r[NAMES[0]]["median_ms"]
 
@@ -303,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mnist-batch", type=int, default=128, help="batch of the mnist_net row")
     p.add_argument("--mnist-repeats", type=int, default=30, help="0 skips the mnist_net row")
     p.add_argument(
+        "--split",
+        action="store_true",
+        help="after each size, time (b) with its layers peeled off one at a time (CPU)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="after each size, print a torch.profiler table of (b)'s steps (where the time goes)",
@@ -330,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "step = forward + cross-entropy + backward"
     )
     profiles: list[tuple[int, int, str]] = []
+    splits: list[tuple[int, int, list[tuple[str, float]]]] = []
     for threads in settings:
         torch.set_num_threads(threads)
         core.set_num_threads(threads)
@@ -344,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.batch, args.features, c, args.margin, args.repeats, args.warmup, device
             )
             print(table_row(c, r, device), flush=True)
+            if args.split and device.type == "cpu":
+                splits.append((threads, c, split_parts(
+                    args.batch, args.features, c, args.margin, args.repeats, args.warmup
+                )))
             if args.profile:
                 table = profile_lsoftmax(args.batch, args.features, c, args.margin, device)
                 profiles.append((threads, c, table))
@@ -358,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     torch.set_num_threads(default_threads)
+    for threads, c, parts in splits:
+        print_split(parts, c, threads)
     for threads, c, table in profiles:
         print(f"\ntorch.profiler, (b) at C={c}, {threads} threads, 10 steps:\n{table}")
     print()
