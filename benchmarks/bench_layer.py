@@ -106,13 +106,19 @@ _clock = CLOCK["wall"]
 
 
 def interleaved_times(
-    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+    steps: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    block: int = 1,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each step, the candidates taking turns in a shuffled order."""
+    """Seconds per call of each step, the candidates taking turns in a shuffled order; each
+    sample times ``block`` calls in a row (for steps too short to time one at a time)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in steps.values():
-            fn()
+            for _ in range(block):
+                fn()
     times: dict[str, list[float]] = {k: [] for k in steps}
     names = list(steps)
     rng = random.Random(0)
@@ -121,9 +127,10 @@ def interleaved_times(
         for name in names:
             sync()
             t0 = _clock()
-            steps[name]()
+            for _ in range(block):
+                steps[name]()
             sync()
-            times[name].append(_clock() - t0)
+            times[name].append((_clock() - t0) / block)
     return times
 
 
@@ -272,18 +279,13 @@ def split_parts(
         "... without schedule and counter": lambda: F.cross_entropy(plain(x, w, y, margin, lam), y),
         "... at margin 1 (no margin terms)": lambda: F.cross_entropy(plain(x, w, y, 1, lam), y),
     }
-    block = max(4, 2000 // max(c, 1))
-    times: dict[str, list[float]] = {k: [] for k in parts}
-    names = list(parts)
-    rng = random.Random(0)
-    for r in range(warmup + repeats):
-        rng.shuffle(names)
-        for name in names:
-            t0 = _clock()
-            for _ in range(block):
-                train_step(lsm, x, parts[name])
-            if r >= warmup:
-                times[name].append((_clock() - t0) / block)
+    times = interleaved_times(
+        {k: (lambda f=f: train_step(lsm, x, f)) for k, f in parts.items()},
+        repeats,
+        warmup,
+        torch.device("cpu"),
+        block=max(4, 2000 // max(c, 1)),
+    )
     return [(k, 1e6 * statistics.median(times[k])) for k in parts]
 
 

@@ -239,9 +239,7 @@ Status lgm_forward(MatrixView<const T> x, MatrixView<const T> means, MatrixView<
       loglik[i] = static_cast<T>(-(d_target + ct.h[static_cast<size_t>(y)]));
     } else {
       double best = 0.0;
-      predicted_class(MatrixView<const T>{logits.data, logits.rows, logits.cols, logits.row_stride,
-                                          logits.col_stride},
-                      i, ct.h, include_logdet, &best);
+      predicted_class(logits.as_const(), i, ct.h, include_logdet, &best);
       loglik[i] = static_cast<T>(best);
     }
   });

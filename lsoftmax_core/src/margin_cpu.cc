@@ -225,9 +225,10 @@ Status margin_forward(MatrixView<const T> x, MatrixView<const T> w, LabelView<L>
 
 namespace {
 
-// Checks the backward's inputs, then calls on_row(i, t, RowGrad) for every non-degenerate row
-// (in parallel over rows; degenerate rows are left out, their terms being zero). The forward's
-// stats, when all four are given, replace recomputing the norms and cosines.
+// Calls on_row(i, t, RowGrad) for every non-degenerate row (in parallel over rows; degenerate
+// rows are left out, their terms being zero), for inputs the caller has checked. The forward's
+// stats, when all four are given, replace recomputing the norms and cosines (their segments are
+// checked here, since they index the math).
 template <typename T, typename L, typename OnRow>
 Status for_each_row_grad(MatrixView<const T> grad_logits, MatrixView<const T> x,
                          MatrixView<const T> w, LabelView<L> labels, int64_t margin,
@@ -326,8 +327,7 @@ Status margin_backward_fold(MatrixView<T> grad_logits, MatrixView<const T> x,
                             MatrixView<const T> w, LabelView<L> labels, T* coef_x,
                             T* coef_w_by_class, int64_t margin, double lambda,
                             RowStats<T> forward_stats) {
-  const MatrixView<const T> g{grad_logits.data, grad_logits.rows, grad_logits.cols,
-                              grad_logits.row_stride, grad_logits.col_stride};
+  const MatrixView<const T> g = grad_logits.as_const();
   Status s = check_all(x, w, labels, margin, lambda);
   if (s.ok()) s = check_matrix("grad_logits", g, x.rows, w.rows);
   if (!s.ok()) return s;

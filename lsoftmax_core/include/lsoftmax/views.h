@@ -15,6 +15,9 @@ struct MatrixView {
 
   T& operator()(int64_t i, int64_t j) const { return data[i * row_stride + j * col_stride]; }
 
+  // The same matrix, read-only.
+  MatrixView<const T> as_const() const { return {data, rows, cols, row_stride, col_stride}; }
+
   static MatrixView contiguous(T* data, int64_t rows, int64_t cols) {
     return MatrixView{data, rows, cols, cols, 1};
   }
