@@ -59,7 +59,7 @@ def checked_logits(
         eager = ops.eager_cpu(x, weight, target, lam if isinstance(lam, Tensor) else None)
     if eager:
         if target is None or margin == 1:
-            return torch.mm(x, weight.t())
+            return ops.plain_logits(x, weight)
         return ops.eager_margin_linear(
             x, weight, target, margin, float(lam.item()) if isinstance(lam, Tensor) else lam
         )

@@ -19,6 +19,8 @@ __all__ = ["LSoftmaxLinear", "MarginLinear"]
 
 # Under autocast, the dtypes autocast would cast (float64 is left alone, as nn.Linear's is).
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+_CPU_FLOATS = (torch.float32, torch.float64)
+_LABELS = (torch.int32, torch.int64)
 
 
 class _MarginHead(ScheduledStep):
@@ -60,6 +62,10 @@ class _MarginHead(ScheduledStep):
         return self._latest_value()
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
+        if self._native_training and self.training and target is not None:
+            logits = self._native_training_forward(x, target)
+            if logits is not None:
+                return logits
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 2:
@@ -101,10 +107,43 @@ class _MarginHead(ScheduledStep):
                 return logits
         return self._margin_logits(x, weight, target, self._scheduled_value(eager), eager)
 
+    # Whether _eager_training_logits has a native call (set by the heads that have one).
+    _native_training = False
+
     def _eager_training_logits(self, x: Tensor, weight: Tensor, target: Tensor) -> Tensor | None:
         """The eager CPU training logits in one native call (lambda and the counter included),
         for heads that have one; None: take the general path."""
         return None
+
+    def _native_training_forward(self, x: Tensor, target: Tensor) -> Tensor | None:
+        """The common training call (2-D float CPU ``x``, CPU labels, no autocast, nothing
+        tracing) straight to ``_eager_training_logits``; None: take the general path, which
+        checks everything and words the errors. At ten classes the general path's Python was
+        a tenth of the step. Each condition here is one the general path would check anyway."""
+        weight, step = self._parameters["weight"], self._buffers["step"]
+        if not (
+            type(x) is Tensor
+            and type(step) is Tensor
+            and step.is_cpu
+            and type(target) is Tensor
+            and type(weight) is nn.Parameter
+            and x.is_cpu
+            and weight.is_cpu
+            and target.is_cpu
+            and x.dtype is weight.dtype
+            and x.dtype in _CPU_FLOATS
+            and target.dtype in _LABELS
+            and x.dim() == 2
+            and weight.dim() == 2
+            and target.dim() == 1
+            and x.shape[1] == weight.shape[1]
+            and target.shape[0] == x.shape[0]
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+        ):
+            return None
+        return self._eager_training_logits(x, weight, target)
 
     def _margin_logits(
         self,
@@ -173,6 +212,8 @@ class LSoftmaxLinear(_MarginHead):
         eager: bool | None,
     ) -> Tensor:
         return checked_logits(x, weight, target, self.margin, lam, eager)
+
+    _native_training = ops.SCHEDULED_MARGIN_LINEAR is not None
 
     def _eager_training_logits(self, x: Tensor, weight: Tensor, target: Tensor) -> Tensor | None:
         if ops.SCHEDULED_MARGIN_LINEAR is None:

@@ -69,6 +69,19 @@ def _lam_arg(lam: Tensor, x: Tensor) -> float | Tensor:
     return lam.item()
 
 
+# Below this many classes torch's CPU GEMM computes x @ W.T faster as (W @ x.T).T: the rule of
+# plain_logits in lsoftmax_core/torch/torch_ops.cc (the eager layer's C++ forward), repeated here
+# so that every CPU path of the layer rounds its logits alike.
+_TRANSPOSED_GEMM_BELOW = 16
+
+
+def plain_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight.T``, in the orientation torch's CPU GEMM runs faster (contiguous)."""
+    if x.device.type == "cpu" and weight.shape[0] < _TRANSPOSED_GEMM_BELOW:
+        return torch.mm(weight, x.t()).t().contiguous()
+    return torch.mm(x, weight.t())
+
+
 def _forward(
     x: Tensor,
     weight: Tensor,
@@ -79,7 +92,7 @@ def _forward(
 ) -> tuple[Tensor, dict[str, Any] | None]:
     """The layer's forward: the GEMM by torch, then the core's per-row margin work."""
     _check_pair(x, weight)
-    logits = torch.mm(x, weight.t())
+    logits = plain_logits(x, weight)
     stats = None
     if labels is not None:
         stats = _kernels.margin_forward_(logits, x, weight, labels, margin, lam, return_stats)

@@ -10,120 +10,42 @@
 #include "lsoftmax/labels.h"
 #include "lsoftmax/margin_math.h"
 #include "parallel.h"
+#include "row_kernels.h"
 
 namespace lsoftmax {
 namespace {
 
-// Eight partial sums in a fixed order: one running sum is a chain of dependent adds that costs
-// the full add latency per element (this loop dominated the layer's overhead); the fixed order
-// keeps results independent of the thread count. kUnit lets the compiler vectorize the common
-// contiguous case.
-constexpr int kLanes = 8;
-
-inline double lane_sum(const double (&acc)[kLanes]) {
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
-template <bool kUnit, typename T>
-double dot_strided(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
-  if (kUnit) sa = sb = 1;
-  double acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      acc[k] += static_cast<double>(a[(d + k) * sa]) * static_cast<double>(b[(d + k) * sb]);
-    }
-  }
-  for (; d < n; ++d) acc[0] += static_cast<double>(a[d * sa]) * static_cast<double>(b[d * sb]);
-  return lane_sum(acc);
-}
-
-struct RowDots {
-  double xx, ww, xw;
-};
-
-// |x_i|^2, |w_t|^2 and <x_i, w_t> in one pass (the backward needs all three), summed exactly as
-// dot_strided sums each of them.
-template <bool kUnit, typename T>
-RowDots row_dots_strided(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
-  if (kUnit) sa = sb = 1;
-  double aa[kLanes] = {}, bb[kLanes] = {}, ab[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const double u = static_cast<double>(a[(d + k) * sa]);
-      const double v = static_cast<double>(b[(d + k) * sb]);
-      aa[k] += u * u;
-      bb[k] += v * v;
-      ab[k] += u * v;
-    }
-  }
-  for (; d < n; ++d) {
-    const double u = static_cast<double>(a[d * sa]), v = static_cast<double>(b[d * sb]);
-    aa[0] += u * u;
-    bb[0] += v * v;
-    ab[0] += u * v;
-  }
-  return RowDots{lane_sum(aa), lane_sum(bb), lane_sum(ab)};
-}
+using detail::RowDots;
 
 template <typename T>
 RowDots row_dots(const MatrixView<const T>& x, int64_t i, const MatrixView<const T>& w, int64_t t) {
-  const T* px = x.data + i * x.row_stride;
-  const T* pw = w.data + t * w.row_stride;
-  if (x.col_stride == 1 && w.col_stride == 1) return row_dots_strided<true>(px, 1, pw, 1, x.cols);
-  return row_dots_strided<false>(px, x.col_stride, pw, w.col_stride, x.cols);
+  return detail::row_dots(x.data + i * x.row_stride, x.col_stride, w.data + t * w.row_stride,
+                          w.col_stride, x.cols);
 }
 
 // Accumulate in double whatever T is: the norms and the recomputed target logit then carry no
 // more error than the host GEMM that produced the logits.
 template <typename T>
 double dot_row(const MatrixView<const T>& a, int64_t i, const MatrixView<const T>& b, int64_t j) {
-  const T* pa = a.data + i * a.row_stride;
-  const T* pb = b.data + j * b.row_stride;
-  if (a.col_stride == 1 && b.col_stride == 1) return dot_strided<true>(pa, 1, pb, 1, a.cols);
-  return dot_strided<false>(pa, a.col_stride, pb, b.col_stride, a.cols);
+  return detail::dot(a.data + i * a.row_stride, a.col_stride, b.data + j * b.row_stride,
+                     b.col_stride, a.cols);
 }
 
-// y += a u (+ b v) along one row. The unit-stride instantiation lets the compiler vectorize:
-// these updates, not the dot products, are most of the backward's own cost. __restrict__: the
-// gradient being updated never overlaps x or weight (an exactly aliased element would still be
-// read before it is written).
-template <bool kUnit, typename T>
-void axpy_strided(T* __restrict__ y, int64_t sy, T a, const T* __restrict__ u, int64_t su,
-                  int64_t n) {
-  if (kUnit) sy = su = 1;
-  for (int64_t j = 0; j < n; ++j) y[j * sy] += a * u[j * su];
-}
-
-template <bool kUnit, typename T>
-void axpy2_strided(T* __restrict__ y, int64_t sy, T a, const T* __restrict__ u, int64_t su, T b,
-                   const T* __restrict__ v, int64_t sv, int64_t n) {
-  if (kUnit) sy = su = sv = 1;
-  for (int64_t j = 0; j < n; ++j) y[j * sy] += a * u[j * su] + b * v[j * sv];
-}
-
-// out[i, :] += a * in[j, :]
+// out[i, :] += a * in[j, :]. These updates, not the dot products, are most of the backward's
+// own cost.
 template <typename T>
 void axpy_row(const MatrixView<T>& out, int64_t i, T a, const MatrixView<const T>& in, int64_t j) {
-  T* y = out.data + i * out.row_stride;
-  const T* u = in.data + j * in.row_stride;
-  if (out.col_stride == 1 && in.col_stride == 1) return axpy_strided<true>(y, 1, a, u, 1, in.cols);
-  axpy_strided<false>(y, out.col_stride, a, u, in.col_stride, in.cols);
+  detail::axpy(out.data + i * out.row_stride, out.col_stride, a, in.data + j * in.row_stride,
+               in.col_stride, in.cols);
 }
 
 // out[i, :] += a * u_in[ju, :] + b * v_in[jv, :]
 template <typename T>
 void axpy2_row(const MatrixView<T>& out, int64_t i, T a, const MatrixView<const T>& u_in,
                int64_t ju, T b, const MatrixView<const T>& v_in, int64_t jv) {
-  T* y = out.data + i * out.row_stride;
-  const T* u = u_in.data + ju * u_in.row_stride;
-  const T* v = v_in.data + jv * v_in.row_stride;
-  if (out.col_stride == 1 && u_in.col_stride == 1 && v_in.col_stride == 1) {
-    return axpy2_strided<true>(y, 1, a, u, 1, b, v, 1, u_in.cols);
-  }
-  axpy2_strided<false>(y, out.col_stride, a, u, u_in.col_stride, b, v, v_in.col_stride,
-                       u_in.cols);
+  detail::axpy2(out.data + i * out.row_stride, out.col_stride, a,
+                u_in.data + ju * u_in.row_stride, u_in.col_stride, b,
+                v_in.data + jv * v_in.row_stride, v_in.col_stride, u_in.cols);
 }
 
 template <typename T>
@@ -349,6 +271,19 @@ Status margin_backward_fold(MatrixView<T> grad_logits, MatrixView<const T> x,
   }
   return Status::Ok();
 }
+
+template <typename T>
+Status add_scaled_rows(MatrixView<T> y, const T* coef, MatrixView<const T> u) {
+  if (Status s = check_matrix("y", y, u.rows, u.cols); !s.ok()) return s;
+  detail::parallel_for(u.rows, u.cols, [&](int64_t i) {
+    if (coef[i] != T(0)) axpy_row(y, i, coef[i], u, i);
+  });
+  return Status::Ok();
+}
+
+template Status add_scaled_rows<float>(MatrixView<float>, const float*, MatrixView<const float>);
+template Status add_scaled_rows<double>(MatrixView<double>, const double*,
+                                        MatrixView<const double>);
 
 template <typename T, typename L>
 Status margin_family_forward(const MarginSpec& spec, double lambda, MatrixView<const T> x,

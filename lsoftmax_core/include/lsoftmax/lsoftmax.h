@@ -98,4 +98,11 @@ Status margin_backward_fold(MatrixView<T> grad_logits, MatrixView<const T> x,
                             T* coef_w_by_class, int64_t margin, double lambda,
                             RowStats<T> forward_stats = RowStats<T>());
 
+// y[i, :] += coef[i] * u[i, :] for every row with coef[i] != 0 (y and u of one shape, y not
+// overlapping u): the rank-one terms that margin_backward_fold returns, for hosts whose own
+// broadcast multiply-add over the whole matrix costs more than this pass over the rows it
+// touches.
+template <typename T>
+Status add_scaled_rows(MatrixView<T> y, const T* coef, MatrixView<const T> u);
+
 }  // namespace lsoftmax
