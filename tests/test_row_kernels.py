@@ -1,0 +1,46 @@
+"""The core's row kernels (lsoftmax_core/src/row_kernels.h): the unit-stride ones run a build for
+the machine's instruction set (AVX-512 or AVX2 on x86-64), the strided ones the baseline build of
+the same source. Both sum the same fixed lanes in the same order without FMA contraction, so the
+margin layer's results must not depend on which ran: the same values in a column-strided layout
+(the baseline build) give bit-identical outputs. The float64 reference of the layer itself is in
+test_lsoftmax_core.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lsoftmax.torch import _kernels
+
+pytestmark = pytest.mark.skipif(
+    not _kernels.TORCH_OPS, reason="needs the libtorch extension (lsoftmax/_torch_ops.so)"
+)
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values with column stride t.shape[0] (a transposed copy, viewed back)."""
+    out = t.t().contiguous().t()
+    assert out.stride(1) != 1 and torch.equal(out, t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [5, 37, 512])
+def test_unit_and_strided_builds_agree_bitwise(dtype: torch.dtype, d: int) -> None:
+    gen = torch.Generator().manual_seed(d)
+    n, c, margin, lam = 64, 9, 4, 0.25
+    x = torch.randn(n, d, generator=gen, dtype=dtype)
+    w = torch.randn(c, d, generator=gen, dtype=dtype)
+    y = torch.randint(0, c, (n,), generator=gen)
+    g = torch.randn(n, c, generator=gen, dtype=dtype)
+    plain = x @ w.t()
+    outs = []
+    for xs, ws in ((x, w), (_strided(x), _strided(w))):
+        logits = plain.clone()
+        torch.ops.lsoftmax_cpu.margin_forward_(logits, xs, ws, y, margin, lam)
+        grad_x, grad_w = g @ w, g.t() @ x
+        torch.ops.lsoftmax_cpu.margin_backward_(g, xs, ws, y, grad_x, grad_w, margin, lam)
+        outs.append((logits, grad_x, grad_w))
+    assert not torch.equal(outs[0][0], plain)  # the margin was applied
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
