@@ -134,8 +134,23 @@ def interleaved_times(
     return times
 
 
+def auto_block(c: int) -> int:
+    """Steps per timed sample: at small C a step is a fraction of a millisecond, and one step
+    timed alone, right after another candidate's, measures that candidate's leftovers (its cache
+    contents, the intra-op threads it left asleep) more than the step. Blocks of about 5 ms of
+    (a) at N = 256, D = 512 time the steps back to back, as training runs them."""
+    return max(1, 500 // max(c, 1))
+
+
 def bench_size(
-    n: int, d: int, c: int, margin: int, repeats: int, warmup: int, device: torch.device
+    n: int,
+    d: int,
+    c: int,
+    margin: int,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    block: int = 1,
 ) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     x = torch.randn(n, d, device=device, requires_grad=True)
@@ -146,6 +161,7 @@ def bench_size(
         repeats,
         warmup,
         device,
+        block=block,
     )
     out: dict[str, dict[str, float]] = {}
     for name, (module, fn) in cands.items():
@@ -352,8 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256, help="N")
     p.add_argument("--features", type=int, default=512, help="D")
     p.add_argument("--margin", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=100, help="timed steps per candidate and size")
+    p.add_argument("--repeats", type=int, default=100, help="timed samples per candidate and size")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument(
+        "--block",
+        type=int,
+        default=0,
+        help="steps per timed sample of the C table (0: max(1, 500 // C), see auto_block)",
+    )
     p.add_argument(
         "--threads",
         default="1,0",
@@ -406,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| C | (a) ms | (b) ms | (c) ms | (b)/(a) | (c)/(a) | {mem_cols} |")
         print("|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
         for c in sizes:
+            block = args.block or auto_block(c)
             r = bench_size(
-                args.batch, args.features, c, args.margin, args.repeats, args.warmup, device
+                args.batch, args.features, c, args.margin, args.repeats, args.warmup, device,
+                block,
             )
             print(table_row(c, r, device), flush=True)
             if args.split and device.type == "cpu":
@@ -434,7 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntorch.profiler, (b) at C={c}, {threads} threads, 10 steps:\n{table}")
     print()
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print("times: median [quartiles] of single steps")
+    print(
+        "times: median [quartiles] of the samples, per step; a sample of the C table times "
+        + (f"{args.block} steps" if args.block else "max(1, 500 // C) steps")
+        + " back to back (--block)"
+    )
     return 0
 
 

@@ -199,8 +199,9 @@ void margin_backward_op(const at::Tensor& grad, const at::Tensor& x, const at::T
 }
 
 // x W^T. With fewer than 16 classes torch's CPU GEMM (MKL) takes a slow path for that shape and
-// (W x^T)^T is the faster product: 53 against 92 us at N = 256, D = 512, C = 10 on one thread,
-// 47 against 51 on two; from C = 16 on, x W^T is the faster (benchmarks/bench_gemm_shapes.py).
+// (W x^T)^T is the faster product: 52 against 89 us at N = 256, D = 512, C = 10 on one thread,
+// 46 against 64 on two; from C = 16 on, x W^T is the faster (benchmarks/bench_gemm_shapes.py,
+// docs/benchmarks.md).
 // The transposed product is made contiguous (N x C values, a few us) so that the logits are laid
 // out as nn.Linear's. lsoftmax.torch.ops.plain_logits applies the same rule, so that the
 // layer's Python paths round their logits as this one does.
