@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lsoftmax.margins import ArcFace, Margin, default_schedule, margin_from_dict
 from lsoftmax.schedules import Exponential, Schedule
 from lsoftmax.torch import ops
+from lsoftmax.torch.checks import _FLOATS, _LABELS
 from lsoftmax.torch.functional import check_inputs, check_margin, checked_logits, family_logits
 from lsoftmax.torch.scheduled import ScheduledStep
 
@@ -19,8 +20,6 @@ __all__ = ["LSoftmaxLinear", "MarginLinear"]
 
 # Under autocast, the dtypes autocast would cast (float64 is left alone, as nn.Linear's is).
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
-_CPU_FLOATS = (torch.float32, torch.float64)
-_LABELS = (torch.int32, torch.int64)
 
 
 class _MarginHead(ScheduledStep):
@@ -118,8 +117,9 @@ class _MarginHead(ScheduledStep):
     def _native_training_forward(self, x: Tensor, target: Tensor) -> Tensor | None:
         """The common training call (2-D float CPU ``x``, CPU labels, no autocast, nothing
         tracing) straight to ``_eager_training_logits``; None: take the general path, which
-        checks everything and words the errors. At ten classes the general path's Python was
-        a tenth of the step. Each condition here is one the general path would check anyway."""
+        checks everything and words the errors. The general path's Python is a measurable part
+        of the step at small C (docs/benchmarks.md, the split's "module's Python"). Each
+        condition here is one the general path would check anyway."""
         weight, step = self._parameters["weight"], self._buffers["step"]
         if not (
             type(x) is Tensor
@@ -131,7 +131,7 @@ class _MarginHead(ScheduledStep):
             and weight.is_cpu
             and target.is_cpu
             and x.dtype is weight.dtype
-            and x.dtype in _CPU_FLOATS
+            and x.dtype in _FLOATS
             and target.dtype in _LABELS
             and x.dim() == 2
             and weight.dim() == 2

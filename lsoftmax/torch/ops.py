@@ -70,8 +70,9 @@ def _lam_arg(lam: Tensor, x: Tensor) -> float | Tensor:
 
 
 # Below this many classes torch's CPU GEMM computes x @ W.T faster as (W @ x.T).T: the rule of
-# plain_logits in lsoftmax_core/torch/torch_ops.cc (the eager layer's C++ forward), repeated here
-# so that every CPU path of the layer rounds its logits alike.
+# plain_logits in lsoftmax_core/torch/torch_ops.cc (kTransposedGemmBelow, the eager layer's C++
+# forward), repeated here for the Python paths, which also run without that extension,
+# and so that every CPU path of the layer rounds its logits alike.
 _TRANSPOSED_GEMM_BELOW = 16
 
 
