@@ -5,17 +5,9 @@ lsoftmax_core/torch/torch_ops.cc's plain_logits)."""
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
-
-
-def per_call_us(f: Callable[[], object], calls: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        f()
-    return (time.perf_counter() - t0) / calls * 1e6
+from bench_layer import interleaved_times
 
 
 def main() -> None:
@@ -28,7 +20,7 @@ def main() -> None:
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
     print(f"N={args.n} D={args.d}, torch {torch.__version__}; microseconds per product, min of "
-          f"{args.rounds} rounds taking turns")
+          f"{args.rounds} rounds taking turns (bench_layer.interleaved_times)")
     print("| C | threads | x W^T | (W x^T)^T contiguous | ratio |")
     print("|---:|---:|---:|---:|---:|")
     for threads in (int(t) for t in args.threads.split(",")):
@@ -39,14 +31,10 @@ def main() -> None:
                 "x W^T": lambda x=x, w=w: torch.mm(x, w.t()),
                 "(W x^T)^T": lambda x=x, w=w: torch.mm(w, x.t()).t().contiguous(),
             }
-            calls = max(3, 3000 // c)
-            times: dict[str, list[float]] = {k: [] for k in cases}
-            for f in cases.values():
-                per_call_us(f, calls)
-            for _ in range(args.rounds):
-                for k, f in cases.items():
-                    times[k].append(per_call_us(f, calls))
-            a, b = min(times["x W^T"]), min(times["(W x^T)^T"])
+            times = interleaved_times(
+                cases, args.rounds, 1, torch.device("cpu"), block=max(3, 3000 // c)
+            )
+            a, b = 1e6 * min(times["x W^T"]), 1e6 * min(times["(W x^T)^T"])
             print(f"| {c} | {threads or default_threads} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
 
 

@@ -199,14 +199,16 @@ void margin_backward_op(const at::Tensor& grad, const at::Tensor& x, const at::T
 }
 
 // x W^T. With fewer than 16 classes torch's CPU GEMM (MKL) takes a slow path for that shape and
-// (W x^T)^T is the faster product: 52 against 89 us at N = 256, D = 512, C = 10 on one thread,
-// 46 against 64 on two; from C = 16 on, x W^T is the faster (benchmarks/bench_gemm_shapes.py,
+// (W x^T)^T is the faster product: 51 against 88 us at N = 256, D = 512, C = 10 on one thread,
+// 44 against 48 on two; from C = 16 on, x W^T is the faster (benchmarks/bench_gemm_shapes.py,
 // docs/benchmarks.md).
 // The transposed product is made contiguous (N x C values, a few us) so that the logits are laid
 // out as nn.Linear's. lsoftmax.torch.ops.plain_logits applies the same rule, so that the
 // layer's Python paths round their logits as this one does.
+constexpr int64_t kTransposedGemmBelow = 16;
+
 at::Tensor plain_logits(const at::Tensor& x, const at::Tensor& w) {
-  if (w.size(0) < 16) return at::mm(w, x.t()).t().contiguous();
+  if (w.size(0) < kTransposedGemmBelow) return at::mm(w, x.t()).t().contiguous();
   return at::mm(x, w.t());
 }
 
