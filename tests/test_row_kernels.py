@@ -1,15 +1,19 @@
-"""The core's row kernels (lsoftmax_core/src/row_kernels.h): the unit-stride ones run a build for
-the machine's instruction set (AVX-512 or AVX2 on x86-64), the strided ones the baseline build of
-the same source. Both sum the same fixed lanes in the same order without FMA contraction, so the
-margin layer's results must not depend on which ran: the same values in a column-strided layout
-(the baseline build) give bit-identical outputs. The float64 reference of the layer itself is in
-test_lsoftmax_core.py."""
+"""The core's row kernels (lsoftmax_core/src/row_kernels.h, and the fused loss's block kernels in
+fused_cpu.cc): the unit-stride ones run a build for the machine's instruction set (AVX-512 or
+AVX2 on x86-64), the strided ones the baseline build of the same arithmetic. Both use the same
+fixed lanes in the same order without FMA contraction, so results must not depend on which ran:
+the same values in a column-strided layout (the baseline build) give bit-identical outputs. The
+float64 references are in test_lsoftmax_core.py and test_fused_loss.py."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
+from lsoftmax import _core
 from lsoftmax.torch import _kernels
 
 pytestmark = pytest.mark.skipif(
@@ -44,3 +48,25 @@ def test_unit_and_strided_builds_agree_bitwise(dtype: torch.dtype, d: int) -> No
     assert not torch.equal(outs[0][0], plain)  # the margin was applied
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cols", [7, 1000, 4099])
+def test_fused_kernels_unit_and_strided_builds_agree_bitwise(dtype: type, cols: int) -> None:
+    """The fused loss's block kernels (lsoftmax_core/src/fused_cpu.cc): SIMD lanes per
+    instruction set on contiguous rows, the baseline scalar lanes on column-strided ones."""
+    rng = np.random.default_rng(cols)
+    n = 37
+    block = (rng.standard_normal((n, cols)) * 5).astype(dtype)
+    labels = rng.integers(0, cols, n)
+    target = rng.standard_normal(n).astype(dtype)
+    outs = []
+    for b in (block.copy(), np.asfortranarray(block)):
+        row_max, row_sum = np.full(n, -math.inf), np.zeros(n)
+        _core.fused_lse_block_(b, labels, 0, target, row_max, row_sum)
+        lse = row_max + np.log(row_sum)
+        _core.fused_grad_block_(b, labels, 0, target, lse, np.full(n, 0.1, dtype=dtype))
+        outs.append((row_max, row_sum, np.ascontiguousarray(b)))
+    assert outs[1][2].shape == (n, cols) and not np.array_equal(outs[0][2], block)
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_array_equal(a, b)

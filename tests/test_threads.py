@@ -241,6 +241,27 @@ def test_torch_extension_is_built_and_used() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_torch_pool_runs_core_loops_on_several_threads() -> None:
+    """torch's pool really splits the core's loops: an extension compiled without torch's OpenMP
+    flags runs at::parallel_for on the calling thread alone, with no error (the fused loss's
+    kernels and the layer's margin passes ran serially at every thread count that way)."""
+    import torch
+
+    from lsoftmax.torch import _kernels
+
+    assert _kernels.TORCH_OPS, "lsoftmax/_torch_ops.so was not built or did not load"
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.ops.lsoftmax_cpu.pool_threads(64) == threads
+        assert torch.ops.lsoftmax_cpu.pool_threads(1) == 1  # one item: one range
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match=r"n must be in \[1, 4096\], got 0"):
+        torch.ops.lsoftmax_cpu.pool_threads(0)
+
+
 def test_torch_extension_reports_bad_labels_like_the_core() -> None:
     import torch
 

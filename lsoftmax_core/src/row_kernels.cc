@@ -1,11 +1,6 @@
 #include "row_kernels.h"
 
-// One build of each function per instruction set, chosen by an ifunc resolver at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LSOFTMAX_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LSOFTMAX_ISA_CLONES
-#endif
+#include "isa_clones.h"
 
 namespace lsoftmax {
 namespace detail {

@@ -17,7 +17,10 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -263,6 +266,26 @@ int64_t parallel_for_address_op() {
   return static_cast<int64_t>(reinterpret_cast<uintptr_t>(&torch_run));
 }
 
+// How many threads torch's pool gave one core loop of n items (at most n): a check of the build,
+// since an extension compiled without torch's OpenMP flags runs every loop on the calling thread
+// without any error (tests/test_threads.py).
+int64_t pool_threads_op(int64_t n) {
+  TORCH_CHECK_VALUE(n >= 1 && n <= 4096, "n must be in [1, 4096], got ", n);
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  struct Ctx {
+    std::mutex* mu;
+    std::set<std::thread::id>* ids;
+  } ctx{&mu, &ids};
+  const lsoftmax::RangeBody body = [](void* c, int64_t, int64_t) {
+    Ctx& k = *static_cast<Ctx*>(c);
+    const std::lock_guard<std::mutex> lock(*k.mu);
+    k.ids->insert(std::this_thread::get_id());
+  };
+  torch_run(nullptr, n, 1, body, &ctx);
+  return static_cast<int64_t>(ids.size());
+}
+
 at::Tensor margin_linear_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                             int64_t margin, double lam) {
   return MarginLinear::apply(x, w, labels, margin, lam);
@@ -305,6 +328,7 @@ TORCH_LIBRARY(lsoftmax_cpu, m) {
   m.def("scheduled_margin_linear(Tensor x, Tensor weight, Tensor labels, int margin, "
         "Tensor(a!) step, str kind, float[] params, bool count) -> Tensor");
   m.def("parallel_for_address() -> int", TORCH_FN(parallel_for_address_op));
+  m.def("pool_threads(int n) -> int", TORCH_FN(pool_threads_op));
   m.impl("margin_forward_", c10::DispatchKey::CPU, TORCH_FN(margin_forward_op));
   m.impl("margin_backward_", c10::DispatchKey::CPU, TORCH_FN(margin_backward_op));
   // Autograd lives inside (MarginLinear), so the op is registered as composite: eager only;

@@ -1,0 +1,11 @@
+// One build of a function per instruction set, chosen by an ifunc resolver when the library
+// loads (GCC on x86-64; elsewhere one build). A file that uses it is compiled with
+// -ffp-contract=off: AVX-512 brings FMA, and a contracted multiply-add rounds once where the
+// baseline build rounds twice, so the builds would disagree in the last bit.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LSOFTMAX_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LSOFTMAX_ISA_CLONES
+#endif
