@@ -20,21 +20,11 @@ namespace {
 // the instruction set.
 constexpr int kLanes = 8;
 
-// The lanes as one SIMD value (GCC/Clang vector extensions): written as scalar arrays, GCC kept
-// the maxima in cmov chains and the double sums in scalar adds (0.5 and 1.1 ns per element at
-// AVX-512, against 0.13 and 0.53 as vectors). Each operation is the scalar one per lane.
+// The lanes as one SIMD value (isa_clones.h): written as scalar lane arrays, GCC kept the
+// maxima in cmov chains and the double sums in scalar adds (0.5 and 1.1 ns per element at
+// AVX-512, against 0.13 and 0.53 as vectors).
 template <typename T>
-struct LaneVector;
-template <>
-struct LaneVector<float> {
-  typedef float type __attribute__((vector_size(sizeof(float) * kLanes)));
-};
-template <>
-struct LaneVector<double> {
-  typedef double type __attribute__((vector_size(sizeof(double) * kLanes)));
-};
-template <typename T>
-using Lanes = typename LaneVector<T>::type;
+using Lanes = typename detail::VectorOf<T, kLanes>::type;
 using DoubleLanes = Lanes<double>;
 
 double lane_sum(const double (&a)[kLanes]) {

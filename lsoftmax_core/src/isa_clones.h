@@ -9,3 +9,16 @@
 #else
 #define LSOFTMAX_ISA_CLONES
 #endif
+
+namespace lsoftmax::detail {
+
+// N lanes of T as one SIMD value (GCC/Clang vector extensions), for loops that GCC does not
+// vectorize from scalar lane arrays. Each vector operation is the scalar one per lane, so a loop
+// written with them gives the scalar loop's results bit for bit. Vectors stay local: passed or
+// returned by value they would change the calling convention between the builds.
+template <typename T, int N>
+struct VectorOf {
+  typedef T type __attribute__((vector_size(sizeof(T) * N)));
+};
+
+}  // namespace lsoftmax::detail
