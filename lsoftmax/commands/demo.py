@@ -12,16 +12,35 @@ because torch's CPU batch norm sums its batch statistics in an order that depend
 count (the first difference, ~1e-6, grows over the run into different test accuracies). The
 model is tiny, so one thread is also the fastest; ``--threads`` sets the threads of the export
 and of the PyTorch evaluation.
+
+Nor do they depend on the machine: on the CPU the demo runs in a child process with torch's
+portable kernels (``ATEN_CPU_CAPABILITY=default``) and MKL's conditional numerical
+reproducibility (``MKL_CBWR=COMPATIBLE``). With the per-CPU kernels, an AVX-512 Intel and an
+AVX-512 AMD machine rounded the same run differently, and 660 steps later the test accuracies
+differed by nine images. Both settings are read once when torch and MKL load, so they need a
+fresh process; the demo's model is small enough that the portable kernels cost nothing visible.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from lsoftmax.commands._device import add_device_argument, check_torch_device
 from lsoftmax.schedules import Onset
+
+# Machine-independent numerics for the CPU run (see the module docstring); the child process
+# is marked so that it runs the demo itself.
+PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+_CHILD = "LSOFTMAX_DEMO_PORTABLE_CHILD"
+# The demo's learning rate: of 0.1, 0.05 and 0.02 (five seeds each, docs/accuracy.md), the one
+# at which the margin head trained best against softmax.
+DEMO_LR = 0.05
 
 # The default onset schedule (lsoftmax.schedules.Onset): softmax for the first 20 % of the run,
 # then lambda falls to its floor of 5 (reached at ~43 % of the run) and stays there.
@@ -70,10 +89,31 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise CLIError(f"--epochs must be a positive integer, got {args.epochs}")
     check_torch_device(args.device)
+    if args.device == "cpu" and os.environ.get(_CHILD) != "1":
+        return _run_portable(args)
     if args.out is not None:
         return _demo(args, Path(args.out))
     with tempfile.TemporaryDirectory(prefix="lsoftmax-demo-") as tmp:
         return _demo(args, Path(tmp))
+
+
+def _run_portable(args: argparse.Namespace) -> int:
+    """The same demo in a child process with ``PORTABLE_NUMERICS``; its output passes through
+    (stdout line by line through ``print``, so that a caller capturing it sees it)."""
+    argv = [
+        sys.executable, "-m", "lsoftmax", "demo", "--margin", str(args.margin),
+        "--epochs", str(args.epochs), "--seed", str(args.seed), "--threads", str(args.threads),
+    ]
+    if args.out is not None:
+        argv += ["--out", str(args.out)]
+    if args.no_progress:
+        argv.append("--no-progress")
+    env = {**os.environ, **PORTABLE_NUMERICS, _CHILD: "1"}
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            print(line, end="", flush=True)
+    return child.returncode
 
 
 def _train_and_compare(
@@ -98,7 +138,7 @@ def _train_and_compare(
         model_overrides={"hidden": [128], "feat_dim": 32},
         epochs=args.epochs,
         batch_size=64,
-        lr=0.1,
+        lr=DEMO_LR,
         milestones=sorted({m for m in (int(args.epochs * 0.6), int(args.epochs * 0.85)) if m}),
         seed=args.seed,
         threads=1,  # see the module docstring: thread-count-independent numbers
@@ -161,7 +201,10 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         print(f"{name:<22}{acc_torch:>10.4f}{acc_ort:>15.4f}{lam_s:>20}")
     max_diff = max(r[4] for r in rows)
     scale = max(r[5] for r in rows)
-    print(f"max |logit difference|: {max_diff:.3g} (logits up to {scale:.3g})")
+    # A power of ten, not the value: ONNX Runtime's GEMMs pick their kernels by CPU, so the
+    # digits of the largest difference change from machine to machine.
+    bound = 10.0 ** math.ceil(math.log10(max_diff)) if max_diff > 0 else 0.0
+    print(f"max |logit difference| <= {bound:.0e} (logits up to {scale:.3g})")
     if args.out is not None:
         print(f"runs and models: {out}/m*/run, {out}/m*/model.onnx")
     if not max_diff <= 1e-3 * max(scale, 1.0):
