@@ -20,6 +20,29 @@ OrtStatus* apply_margin(const T* x, const T* w, const L* labels, T* y, int64_t n
   return to_ort_status(kLSoftmaxLinear, s);
 }
 
+// Y = X W^T into y. One row: the core's plain_logits on W as it is, since ORT's Gemm would pack
+// the unpacked W on every call and for a single row that copy costs more than the product (the
+// standard graph's MatMul pre-packs its constant weight once); the core's product also stays on
+// the calling thread at that size, where waking a sleeping pool thread costs more than it saves.
+// More rows: ORT's Gemm.
+template <typename T>
+OrtStatus* plain_logits_into(OrtKernelContext* context, Ort::Op& gemm, const Ort::ConstValue& x,
+                             const Ort::ConstValue& w, Ort::UnownedValue& y, int64_t n, int64_t d,
+                             int64_t c) {
+  using lsoftmax::MatrixView;
+  if (n == 1) {
+    return to_ort_status(
+        kLSoftmaxLinear,
+        lsoftmax::plain_logits<T>(MatrixView<const T>::contiguous(x.GetTensorData<T>(), n, d),
+                                  MatrixView<const T>::contiguous(w.GetTensorData<T>(), c, d),
+                                  MatrixView<T>::contiguous(y.GetTensorMutableData<T>(), n, c)));
+  }
+  const OrtValue* inputs[] = {static_cast<const OrtValue*>(x), static_cast<const OrtValue*>(w)};
+  OrtValue* outputs[] = {static_cast<OrtValue*>(y)};
+  gemm.Invoke(context, inputs, 2, outputs, 1);
+  return nullptr;
+}
+
 }  // namespace
 
 template <typename T>
@@ -27,25 +50,6 @@ LSoftmaxLinearKernel<T>::LSoftmaxLinearKernel(const OrtKernelInfo* info, int64_t
                                               double lambda)
     : margin_(margin), lambda_(lambda) {
   gemm_ = make_gemm<T>(info, /*trans_b=*/true);
-  int is_constant = 0;
-  const Ort::ConstValue w = Ort::ConstKernelInfo(info).GetTensorConstantInput(1, &is_constant);
-  if (!is_constant || !w) return;
-  const Ort::TensorTypeAndShapeInfo wi = w.GetTensorTypeAndShapeInfo();
-  const std::vector<int64_t> ws = wi.GetShape();
-  if (wi.GetElementType() != onnx_type<T>() || ws.size() != 2 || ws[0] < 1 || ws[1] < 1) return;
-  w_rows_ = ws[0];
-  w_cols_ = ws[1];
-  const T* src = w.GetTensorData<T>();
-  w_t_.resize(static_cast<size_t>(w_rows_ * w_cols_));
-  for (int64_t r = 0; r < w_rows_; ++r) {
-    for (int64_t c = 0; c < w_cols_; ++c) {
-      w_t_[static_cast<size_t>(c * w_rows_ + r)] = src[r * w_cols_ + c];
-    }
-  }
-  cpu_ = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
-  const int64_t shape[] = {w_cols_, w_rows_};
-  w_t_value_ = Ort::Value::CreateTensor<T>(cpu_, w_t_.data(), w_t_.size(), shape, 2);
-  gemm_nt_ = make_gemm<T>(info, /*trans_b=*/false);
 }
 
 template <typename T>
@@ -73,18 +77,7 @@ OrtStatus* LSoftmaxLinearKernel<T>::ComputeV2(OrtKernelContext* context) {
     if (d == 0) {
       std::fill(out, out + n * c, T(0));
     } else {
-      OrtValue* outputs[] = {static_cast<OrtValue*>(y)};
-      // Only a single row takes MLAS's GEMV path; for more rows the transposed-B Gemm measured
-      // faster (its packing of B is cheaper than the plain-B copy).
-      if (n == 1 && w_t_value_ && c == w_rows_ && d == w_cols_) {
-        const OrtValue* inputs[] = {static_cast<const OrtValue*>(x),
-                                    static_cast<const OrtValue*>(w_t_value_)};
-        gemm_nt_.Invoke(context, inputs, 2, outputs, 1);
-      } else {
-        const OrtValue* inputs[] = {static_cast<const OrtValue*>(x),
-                                    static_cast<const OrtValue*>(w)};
-        gemm_.Invoke(context, inputs, 2, outputs, 1);
-      }
+      if (OrtStatus* bad = plain_logits_into<T>(context, gemm_, x, w, y, n, d, c)) return bad;
     }
     if (!labels) return nullptr;
     const T* xp = x.GetTensorData<T>();

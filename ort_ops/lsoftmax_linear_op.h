@@ -3,8 +3,9 @@
 //
 // Attributes: margin (int, required, >= 1) and lambda (float, default 0.0, >= 0). The model-local
 // function that exporters attach to this op uses the same defaults.
-// The N x D x C product is ORT's own Gemm (created once per kernel, invoked from Compute); the
-// per-row margin work is lsoftmax::margin_forward from the core.
+// The N x D x C product is ORT's own Gemm (created once per kernel, invoked from Compute), or the
+// core's lsoftmax::plain_logits for a single row (plain_logits_into); the per-row margin work is
+// lsoftmax::margin_forward from the core.
 #pragma once
 
 #include <vector>
@@ -23,16 +24,7 @@ class LSoftmaxLinearKernel {
   OrtStatus* ComputeV2(OrtKernelContext* context);
 
  private:
-  Ort::Op gemm_{nullptr};  // Y = X W^T (transB = 1)
-  // When W is a constant initializer, W^T (D x C) is kept and single-row batches multiply it
-  // with transB = 0: only a plain B reaches MLAS's GEMV path, and without it batch-1 inference
-  // was ~25% slower than the standard graph (whose Gemm pre-packs its constant weight). Costs
-  // one extra copy of W.
-  std::vector<T> w_t_;
-  int64_t w_rows_ = 0, w_cols_ = 0;
-  Ort::MemoryInfo cpu_{nullptr};
-  Ort::Value w_t_value_{nullptr};
-  Ort::Op gemm_nt_{nullptr};
+  Ort::Op gemm_{nullptr};  // Y = X W^T (transB = 1), for batches of more than one row
   int64_t margin_;
   double lambda_;
 };

@@ -39,13 +39,25 @@ class _Counting:
         return self.op(*args)
 
 
+ENTRIES = ["cpython", "dispatcher"]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: s.kind)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_training_forward_is_one_native_call_equal_to_the_general_path(
-    schedule: Any, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    schedule: Any, dtype: torch.dtype, entry: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    counting = _Counting(ops.SCHEDULED_MARGIN_LINEAR)
-    monkeypatch.setattr(ops, "SCHEDULED_MARGIN_LINEAR", counting)
+    """Through lsoftmax._torch_entry (one CPython call) and, without it, through torch.ops."""
+    if entry == "cpython":
+        if ops.NATIVE_SCHEDULED_MARGIN_LINEAR is None:
+            pytest.fail("the libtorch extension loaded but lsoftmax._torch_entry did not")
+        counting = _Counting(ops.NATIVE_SCHEDULED_MARGIN_LINEAR)
+        monkeypatch.setattr(ops, "NATIVE_SCHEDULED_MARGIN_LINEAR", counting)
+    else:
+        monkeypatch.setattr(ops, "NATIVE_SCHEDULED_MARGIN_LINEAR", None)
+        counting = _Counting(ops.SCHEDULED_MARGIN_LINEAR)
+        monkeypatch.setattr(ops, "SCHEDULED_MARGIN_LINEAR", counting)
     g = torch.Generator().manual_seed(0)
     head = LSoftmaxLinear(16, 7, margin=3, schedule=schedule).to(dtype)
     x = torch.randn(9, 16, generator=g, dtype=dtype)
@@ -84,6 +96,58 @@ def test_counter_is_left_alone_when_the_forward_does_not_count() -> None:
         assert int(head.step) == 1
     head(x, y)
     assert int(head.step) == 2
+
+
+def test_cpython_entry_declines_the_calls_its_op_does_not_take() -> None:
+    """None (the head then takes the general path) for anything but 2-D float CPU inputs of one
+    dtype, CPU int labels and counter, matching shapes, autocast off, plain tensors."""
+    entry = ops.NATIVE_SCHEDULED_MARGIN_LINEAR
+    assert entry is not None
+    x, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4])
+    step = torch.zeros((), dtype=torch.int64)
+
+    class Sub(torch.Tensor):
+        pass
+
+    declined = [
+        (x.double(), w, y, 2, step),  # dtypes differ
+        (x.half(), w.half(), y, 2, step),  # no 16-bit CPU kernels
+        (x[None], w, y, 2, step),  # 3-D x
+        (x, w, y.float(), 2, step),  # float labels
+        (x, w, y[:2], 2, step),  # one label short
+        (x, w[:, :3], y, 2, step),  # features differ
+        (x, w, y, 2, step.int()),  # int32 counter
+        (x.as_subclass(Sub), w, y, 2, step),  # a subclass may redefine the ops
+        ("x", w, y, 2, step),
+        (x, w, y, 2.0, step),  # margin not an int
+    ]
+    for args in declined:
+        assert entry(*args, "constant", [0.5], True) is None, args
+    with torch.autocast("cpu"):
+        assert entry(x, w, y, 2, step, "constant", [0.5], True) is None
+    assert int(step) == 0
+    with pytest.raises(TypeError, match="takes 8 arguments, got 2"):
+        entry(x, w)
+
+
+def test_cpython_entry_raises_its_ops_errors_and_counts_like_it() -> None:
+    entry = ops.NATIVE_SCHEDULED_MARGIN_LINEAR
+    assert entry is not None
+    x, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4])
+    step = torch.zeros((), dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"labels\[2\] = 4 is out of range \[0, 3\)"):
+        entry(x, w[:3], y, 2, step, "constant", [0.5], True)
+    with pytest.raises(ValueError, match="schedule"):
+        entry(x, w, y, 2, step, "no-such-kind", [0.5], True)
+    with pytest.raises(TypeError):
+        entry(x, w, y, 2, step, "constant", ["a"], True)
+    assert int(step) == 0  # a forward that raised did not count
+    out = entry(x, w, y, 2, step, "constant", [0.5], True)
+    ref = ops.SCHEDULED_MARGIN_LINEAR(x, w, y, 2, torch.zeros((), dtype=torch.int64), "constant",
+                                      [0.5], True)
+    assert torch.equal(out, ref)
+    entry(x, w, y, 2, step, "constant", [0.5], False)
+    assert int(step) == 1
 
 
 def test_native_op_names_its_bad_arguments() -> None:

@@ -70,3 +70,32 @@ def test_fused_kernels_unit_and_strided_builds_agree_bitwise(dtype: type, cols: 
     assert outs[1][2].shape == (n, cols) and not np.array_equal(outs[0][2], block)
     for a, b in zip(*outs, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [5, 64, 515])
+def test_plain_logits_unit_and_strided_builds_agree_bitwise(dtype: type, d: int) -> None:
+    """lsoftmax::plain_logits (the ORT kernel's single-row product): vector lanes per instruction
+    set on contiguous rows, the baseline lanes on column-strided ones, and close to float64."""
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((3, d)).astype(dtype)
+    w = rng.standard_normal((11, d)).astype(dtype)
+    outs = []
+    for xs, ws in ((x, w), (np.asfortranarray(x), np.asfortranarray(w))):
+        out = np.zeros((3, 11), dtype=dtype)
+        _core.plain_logits_(out, xs, ws)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(outs[0], ref, rtol=tol, atol=tol * math.sqrt(d))
+
+
+def test_plain_logits_names_its_bad_arguments() -> None:
+    x, w = np.zeros((2, 4), np.float32), np.zeros((3, 5), np.float32)
+    with pytest.raises(ValueError, match="x has 4 features per row but weight has 5"):
+        _core.plain_logits_(np.zeros((2, 3), np.float32), x, w)
+    with pytest.raises(ValueError, match="logits"):
+        _core.plain_logits_(np.zeros((2, 2), np.float32), x, w[:, :4])
+    with pytest.raises(TypeError, match="logits"):
+        _core.plain_logits_(np.zeros((2, 3)), x, w[:, :4])

@@ -100,6 +100,22 @@ def _load_torch_ops() -> bool:
 TORCH_OPS = _load_torch_ops()
 
 
+def _load_torch_entry() -> Any:
+    """lsoftmax._torch_entry (the scheduled head's training forward as one CPython call), or
+    None where the build has no such module or the ops it calls did not load."""
+    if not TORCH_OPS:
+        return None
+    try:
+        from lsoftmax import _torch_entry  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _torch_entry
+
+
+#: ``lsoftmax._torch_entry`` when it is built and the libtorch extension loaded, else None.
+TORCH_ENTRY = _load_torch_entry()
+
+
 def _np(t: torch.Tensor):
     return t.detach().numpy()
 

@@ -215,6 +215,25 @@ class LSoftmaxLinear(_MarginHead):
 
     _native_training = ops.SCHEDULED_MARGIN_LINEAR is not None
 
+    def _native_training_forward(self, x: Tensor, target: Tensor) -> Tensor | None:
+        native = ops.NATIVE_SCHEDULED_MARGIN_LINEAR
+        if native is None:
+            return super()._native_training_forward(x, target)
+        # The per-tensor conditions are checked natively (None where one fails); what is global
+        # to the process is checked here.
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return None
+        return native(  # type: ignore[no-any-return]
+            x,
+            self._parameters["weight"],
+            target,
+            self.margin,
+            self._buffers["step"],
+            self._schedule.kind,
+            self._schedule_params,
+            self._counts_this_forward(),
+        )
+
     def _eager_training_logits(self, x: Tensor, weight: Tensor, target: Tensor) -> Tensor | None:
         if ops.SCHEDULED_MARGIN_LINEAR is None:
             return None

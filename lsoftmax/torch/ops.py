@@ -387,6 +387,12 @@ SCHEDULED_MARGIN_LINEAR = (
     torch.ops.lsoftmax_cpu.scheduled_margin_linear.default if _kernels.TORCH_OPS else None
 )
 
+# The same op behind one CPython call that also checks whether the call is one the op takes
+# (returns None where not): the module's common training forward, without torch.ops' boxing.
+NATIVE_SCHEDULED_MARGIN_LINEAR = (
+    _kernels.TORCH_ENTRY.scheduled_margin_linear if _kernels.TORCH_ENTRY is not None else None
+)
+
 
 def eager_margin_linear(
     x: Tensor, weight: Tensor, labels: Tensor, margin: int, lam: float

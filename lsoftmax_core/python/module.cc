@@ -133,6 +133,26 @@ void margin_backward_py(py::array grad_in, py::array x_in, py::array w_in, py::a
   });
 }
 
+void plain_logits_py(py::array logits, const py::array& x, const py::array& w) {
+  const FloatKind fk = float_kind("x", x);
+  require_same_dtype("weight", w, "x", x);
+  require_same_dtype("logits", logits, "x", x);
+  auto run = [&](auto t_tag) {
+    using T = decltype(t_tag);
+    auto xv = const_matrix<T>("x", x);
+    auto wv = const_matrix<T>("weight", w);
+    auto out = mutable_matrix<T>("logits", logits);
+    Status s;
+    {
+      py::gil_scoped_release release;
+      s = plain_logits<T>(xv, wv, out);
+    }
+    raise_if_error(s);
+  };
+  if (fk == FloatKind::kFloat32) return run(float{});
+  return run(double{});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -150,6 +170,9 @@ PYBIND11_MODULE(_core, m) {
         "margin_forward_(..., return_stats=True) returned for the same inputs, saves "
         "recomputing the norms and cosines.");
 
+  m.def("plain_logits_", &plain_logits_py, py::arg("logits"), py::arg("x"), py::arg("weight"),
+        "In place: logits = x @ weight.T, the ORT kernel's product for a single row (any "
+        "number of rows, strided arrays on the baseline lanes).");
   m.def("validate_margin_params", [](py::object margin, py::object lam) {
     raise_if_error(validate_margin_params(margin_arg(margin), real_arg("lam", lam)));
   }, py::arg("margin"), py::arg("lam"));

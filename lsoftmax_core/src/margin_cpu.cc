@@ -50,7 +50,7 @@ void axpy2_row(const MatrixView<T>& out, int64_t i, T a, const MatrixView<const 
 
 template <typename T>
 double norm_row(const MatrixView<const T>& a, int64_t i) {
-  return std::sqrt(dot_row(a, i, a, i));
+  return std::sqrt(detail::sumsq(a.data + i * a.row_stride, a.col_stride, a.cols));
 }
 
 template <typename T>
@@ -128,19 +128,32 @@ Status margin_forward(MatrixView<const T> x, MatrixView<const T> w, LabelView<L>
   const T lam = static_cast<T>(lambda);
   const std::vector<double> thresholds = segment_thresholds(m);
   const std::vector<T> class_norms = target_class_norms(w, x.rows);
-  detail::parallel_for(x.rows, x.cols + 8 * m, [&](int64_t i) {
-    const int64_t t = static_cast<int64_t>(labels[i]);
-    const T nx = static_cast<T>(norm_row(x, i));
-    const T nw = class_norms.empty() ? static_cast<T>(norm_row(w, t)) : class_norms[t];
-    T& f = logits(i, t);
-    const bool degenerate = is_degenerate(nx, nw);
-    const T c = degenerate ? T(0) : clamp_cos(f / (nx * nw));
-    const int k = degenerate ? -1 : margin_segment(m, c, thresholds.data());
-    if (stats.norm_x) stats.norm_x[i] = nx;
-    if (stats.norm_w) stats.norm_w[i] = nw;
-    if (stats.cos_theta) stats.cos_theta[i] = c;
-    if (stats.segment) stats.segment[i] = k;
-    if (m > 1 && !degenerate) f = margin_logit_at(f, nx * nw, c, k, m, lam);
+  // Blocks of rows, each taking its norms first and then the per-row math: the math is a chain
+  // of dependent operations (square root, divisions, the recurrence) that then overlaps across
+  // the rows of the block instead of waiting behind each row's pass over x.
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (x.rows + kBlock - 1) / kBlock;
+  detail::parallel_for(blocks, kBlock * (x.cols + 8 * m), [&](int64_t b) {
+    const int64_t lo = b * kBlock, hi = std::min(x.rows, lo + kBlock);
+    T nx_block[kBlock], nw_block[kBlock];
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t t = static_cast<int64_t>(labels[i]);
+      nx_block[i - lo] = static_cast<T>(norm_row(x, i));
+      nw_block[i - lo] = class_norms.empty() ? static_cast<T>(norm_row(w, t)) : class_norms[t];
+    }
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t t = static_cast<int64_t>(labels[i]);
+      const T nx = nx_block[i - lo], nw = nw_block[i - lo];
+      T& f = logits(i, t);
+      const bool degenerate = is_degenerate(nx, nw);
+      const T c = degenerate ? T(0) : clamp_cos(f / (nx * nw));
+      const int k = degenerate ? -1 : margin_segment(m, c, thresholds.data());
+      if (stats.norm_x) stats.norm_x[i] = nx;
+      if (stats.norm_w) stats.norm_w[i] = nw;
+      if (stats.cos_theta) stats.cos_theta[i] = c;
+      if (stats.segment) stats.segment[i] = k;
+      if (m > 1 && !degenerate) f = margin_logit_at(f, nx * nw, c, k, m, lam);
+    }
   });
   return Status::Ok();
 }

@@ -11,6 +11,12 @@ LSOFTMAX_ISA_CLONES double dot_unit(const float* a, const float* b, int64_t n) {
 LSOFTMAX_ISA_CLONES double dot_unit(const double* a, const double* b, int64_t n) {
   return dot_strided<true>(a, 1, b, 1, n);
 }
+LSOFTMAX_ISA_CLONES double sumsq_unit(const float* a, int64_t n) {
+  return sumsq_strided<true>(a, 1, n);
+}
+LSOFTMAX_ISA_CLONES double sumsq_unit(const double* a, int64_t n) {
+  return sumsq_strided<true>(a, 1, n);
+}
 LSOFTMAX_ISA_CLONES RowDots row_dots_unit(const float* a, const float* b, int64_t n) {
   return row_dots_strided<true>(a, 1, b, 1, n);
 }

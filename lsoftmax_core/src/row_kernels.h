@@ -1,7 +1,7 @@
 // The margin passes' row kernels: dot products accumulated in double and row updates. The
 // unit-stride ones, where the passes spend their time, are built for AVX-512, AVX2 and baseline
 // x86-64 (row_kernels.cc) and chosen when the library loads: baseline SSE2 does two doubles per
-// instruction. None of the builds contracts into FMAs and every build sums the same eight lanes
+// instruction. None of the builds contracts into FMAs and every build sums the same sixteen lanes
 // in the same order (row_kernels.cc is compiled with -ffp-contract=off), so all give
 // bit-identical results.
 #pragma once
@@ -35,6 +35,27 @@ inline __attribute__((always_inline)) double dot_strided(const T* a, int64_t sa,
     }
   }
   for (; d < n; ++d) acc[0] += static_cast<double>(a[d * sa]) * static_cast<double>(b[d * sb]);
+  return lane_sum(acc);
+}
+
+// |a|^2 summed exactly as dot_strided(a, a) sums it (the same products in the same lanes), with
+// one load and one conversion per element where the dot does two: the forward's pass over x for
+// the row norms is bound by the conversions to double.
+template <bool kUnit, typename T>
+inline __attribute__((always_inline)) double sumsq_strided(const T* a, int64_t sa, int64_t n) {
+  if (kUnit) sa = 1;
+  double acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const double u = static_cast<double>(a[(d + k) * sa]);
+      acc[k] += u * u;
+    }
+  }
+  for (; d < n; ++d) {
+    const double u = static_cast<double>(a[d * sa]);
+    acc[0] += u * u;
+  }
   return lane_sum(acc);
 }
 
@@ -90,6 +111,8 @@ inline __attribute__((always_inline)) void axpy2_strided(T* __restrict__ y, int6
 // The unit-stride instances, one build per instruction set (row_kernels.cc).
 double dot_unit(const float* a, const float* b, int64_t n);
 double dot_unit(const double* a, const double* b, int64_t n);
+double sumsq_unit(const float* a, int64_t n);
+double sumsq_unit(const double* a, int64_t n);
 RowDots row_dots_unit(const float* a, const float* b, int64_t n);
 RowDots row_dots_unit(const double* a, const double* b, int64_t n);
 void axpy_unit(float* y, float a, const float* u, int64_t n);
@@ -101,6 +124,12 @@ template <typename T>
 double dot(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
   if (sa == 1 && sb == 1) return dot_unit(a, b, n);
   return dot_strided<false>(a, sa, b, sb, n);
+}
+
+template <typename T>
+double sumsq(const T* a, int64_t sa, int64_t n) {
+  if (sa == 1) return sumsq_unit(a, n);
+  return sumsq_strided<false>(a, sa, n);
 }
 
 template <typename T>

@@ -98,6 +98,13 @@ Status margin_backward_fold(MatrixView<T> grad_logits, MatrixView<const T> x,
                             T* coef_w_by_class, int64_t margin, double lambda,
                             RowStats<T> forward_stats = RowStats<T>());
 
+// logits = x W^T, each entry a dot product in T over fixed lanes (every instruction-set build
+// rounds alike), parallel over classes only from about 2^20 multiply-adds per thread. For hosts
+// whose GEMM is slow for a few rows: ORT's Gemm packs an unpacked W on every call, and for one
+// row that copy costs more than the product (single-sample inference).
+template <typename T>
+Status plain_logits(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> logits);
+
 // y[i, :] += coef[i] * u[i, :] for every row with coef[i] != 0 (y and u of one shape, y not
 // overlapping u): the rank-one terms that margin_backward_fold returns, for hosts whose own
 // broadcast multiply-add over the whole matrix costs more than this pass over the rows it
