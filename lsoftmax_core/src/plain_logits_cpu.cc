@@ -11,15 +11,23 @@
 namespace lsoftmax {
 namespace {
 
-// 64 partial sums in four vectors of 16 lanes (element j goes to lane j % 64): enough
-// independent adds to keep a core's multiply and add units busy. The lanes are folded as
-// vectors, (v0 + v1) + (v2 + v3), and then pairwise to one value: a sum per class of a few
-// vector adds and fifteen scalar ones. The fixed order makes every build round alike.
-constexpr int kWidth = 16;
-constexpr int kVectors = 4;
+// 16 partial sums per class in two vectors of 8 lanes (element j goes to lane j % 16), four
+// classes per pass: eight independent accumulators keep a core's multiply and add units busy,
+// each load of the row of x serves four classes, and the eight vectors fit the sixteen
+// registers of AVX2. The lanes are folded as v0 + v1 and then pairwise to one value (lane k +
+// lane k + 4, then k + 2, ...). The fixed order makes every build round alike. The product is
+// bound by reading W (2 MB at 1000 x 512 floats, beyond L2), so the pass prefetches the rows
+// of the next one.
+constexpr int kWidth = 8;
+constexpr int kVectors = 2;
+constexpr int kClassesPerPass = 4;
 constexpr int kLanes = kWidth * kVectors;
+template <typename T, int N>
+using Vec = typename detail::VectorOf<T, N>::type;
 template <typename T>
-using Lanes = typename detail::VectorOf<T, kWidth>::type;
+using Lanes = Vec<T, kWidth>;
+template <typename T>
+using Accumulators = Lanes<T>[kVectors];
 
 template <typename T>
 T pairwise_total(T (&s)[kWidth]) {
@@ -29,36 +37,91 @@ T pairwise_total(T (&s)[kWidth]) {
   return s[0];
 }
 
+// pairwise_total on a vector, by halves: the same adds in the same order, without a trip
+// through memory.
 template <typename T>
-inline __attribute__((always_inline)) T dot_unit_lanes(const T* a, const T* b, int64_t n) {
-  Lanes<T> acc[kVectors] = {};
-  auto add = [&](const T* u_src, const T* v_src) {
-    for (int k = 0; k < kVectors; ++k) {
-      Lanes<T> u, v;
-      std::memcpy(&u, u_src + k * kWidth, sizeof(u));
-      std::memcpy(&v, v_src + k * kWidth, sizeof(v));
-      acc[k] += u * v;
-    }
-  };
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) add(a + j, b + j);
-  if (j < n) {  // the tail, zero-padded: a padded lane adds +0, which changes no sum
-    T ta[kLanes] = {}, tb[kLanes] = {};
-    std::memcpy(ta, a + j, sizeof(T) * static_cast<size_t>(n - j));
-    std::memcpy(tb, b + j, sizeof(T) * static_cast<size_t>(n - j));
-    add(ta, tb);
-  }
-  const Lanes<T> folded = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  T s[kWidth];
-  std::memcpy(s, &folded, sizeof(s));
-  return pairwise_total(s);
+inline __attribute__((always_inline)) T fold(const Accumulators<T>& acc) {
+  static_assert(kWidth == 8 && kVectors == 2, "fold and dot_strided_lanes assume 2 x 8 lanes");
+  const Lanes<T> v = acc[0] + acc[1];
+  const Vec<T, 4> h4 =
+      __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const Vec<T, 2> h2 =
+      __builtin_shufflevector(h4, h4, 0, 1) + __builtin_shufflevector(h4, h4, 2, 3);
+  return h2[0] + h2[1];
 }
 
-LSOFTMAX_ISA_CLONES float dot_lanes(const float* a, const float* b, int64_t n) {
-  return dot_unit_lanes(a, b, n);
+template <typename T>
+inline __attribute__((always_inline)) void multiply_add(Lanes<T>& acc, const Lanes<T>& u,
+                                                        const T* v_src) {
+  Lanes<T> v;
+  std::memcpy(&v, v_src, sizeof(v));
+  acc += u * v;
 }
-LSOFTMAX_ISA_CLONES double dot_lanes(const double* a, const double* b, int64_t n) {
-  return dot_unit_lanes(a, b, n);
+
+// out[q * out_stride] = <a, b_q> for the kClasses rows b_q = b + q * b_stride; `next`, the
+// first of the rows that follow, or b itself where none follow.
+template <int kClasses, typename T>
+inline __attribute__((always_inline)) void dots_pass(const T* a, const T* a_tail, const T* b,
+                                                     const T* next, int64_t b_stride,
+                                                     int64_t body, int64_t n, T* out,
+                                                     int64_t out_stride) {
+  Accumulators<T> acc[kClasses] = {};
+  for (int64_t j = 0; j < body; j += kLanes) {
+    for (int q = 0; q < kClasses; ++q) __builtin_prefetch(next + q * b_stride + j);
+    for (int k = 0; k < kVectors; ++k) {
+      Lanes<T> u;
+      std::memcpy(&u, a + j + k * kWidth, sizeof(u));
+      for (int q = 0; q < kClasses; ++q) {
+        multiply_add(acc[q][k], u, b + q * b_stride + j + k * kWidth);
+      }
+    }
+  }
+  if (body < n) {
+    for (int q = 0; q < kClasses; ++q) {
+      T b_tail[kLanes] = {};
+      std::memcpy(b_tail, b + q * b_stride + body, sizeof(T) * static_cast<size_t>(n - body));
+      for (int k = 0; k < kVectors; ++k) {
+        Lanes<T> u;
+        std::memcpy(&u, a_tail + k * kWidth, sizeof(u));
+        multiply_add(acc[q][k], u, b_tail + k * kWidth);
+      }
+    }
+  }
+  for (int q = 0; q < kClasses; ++q) out[q * out_stride] = fold<T>(acc[q]);
+}
+
+// out[c * out_stride] = <a, b_c> for c < count, the rows b_c = b + c * b_stride of which
+// `rows` exist from b on (count <= rows; the passes prefetch up to kClassesPerPass rows ahead).
+template <typename T>
+inline __attribute__((always_inline)) void dots_unit_lanes(const T* a, const T* b,
+                                                           int64_t b_stride, int64_t n,
+                                                           int64_t count, int64_t rows, T* out,
+                                                           int64_t out_stride) {
+  const int64_t body = n - n % kLanes;
+  // The tail, zero-padded: a padded lane adds +0, which changes no sum.
+  T a_tail[kLanes] = {};
+  std::memcpy(a_tail, a + body, sizeof(T) * static_cast<size_t>(n - body));
+  int64_t c = 0;
+  for (; c + kClassesPerPass <= count; c += kClassesPerPass) {
+    const T* rows_c = b + c * b_stride;
+    const T* next = c + 2 * kClassesPerPass <= rows ? rows_c + kClassesPerPass * b_stride : rows_c;
+    dots_pass<kClassesPerPass>(a, a_tail, rows_c, next, b_stride, body, n, out + c * out_stride,
+                               out_stride);
+  }
+  for (; c < count; ++c) {
+    const T* row = b + c * b_stride;
+    dots_pass<1>(a, a_tail, row, row, b_stride, body, n, out + c * out_stride, out_stride);
+  }
+}
+
+LSOFTMAX_ISA_CLONES void dots_lanes(const float* a, const float* b, int64_t b_stride, int64_t n,
+                                    int64_t count, int64_t rows, float* out, int64_t out_stride) {
+  dots_unit_lanes(a, b, b_stride, n, count, rows, out, out_stride);
+}
+LSOFTMAX_ISA_CLONES void dots_lanes(const double* a, const double* b, int64_t b_stride,
+                                    int64_t n, int64_t count, int64_t rows, double* out,
+                                    int64_t out_stride) {
+  dots_unit_lanes(a, b, b_stride, n, count, rows, out, out_stride);
 }
 
 // The same sums over strided rows (no vector lanes), in the same order.
@@ -67,9 +130,7 @@ T dot_strided_lanes(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
   T lanes[kLanes] = {};
   for (int64_t j = 0; j < n; ++j) lanes[j % kLanes] += a[j * sa] * b[j * sb];
   T s[kWidth];
-  for (int l = 0; l < kWidth; ++l) {
-    s[l] = (lanes[l] + lanes[kWidth + l]) + (lanes[2 * kWidth + l] + lanes[3 * kWidth + l]);
-  }
+  for (int l = 0; l < kWidth; ++l) s[l] = lanes[l] + lanes[kWidth + l];
   return pairwise_total(s);
 }
 
@@ -87,15 +148,27 @@ Status plain_logits(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> 
     return s;
   }
   const bool unit = x.col_stride == 1 && w.col_stride == 1;
-  // Parallel only from about 2^20 multiply-adds per thread (cost per class d / 32 against
+  // Classes in blocks (one call into the instruction-set build per block and row), parallel
+  // only from about 2^20 multiply-adds per thread (cost per class d / 32 against
   // kMinWorkPerThread = 2^15): below that, waking a sleeping pool thread costs more than the
   // product, which is bound by reading W.
-  detail::parallel_for(w.rows, std::max<int64_t>(1, x.rows * x.cols / 32), [&](int64_t c) {
-    const T* wc = w.data + c * w.row_stride;
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (w.rows + kBlock - 1) / kBlock;
+  const int64_t cost = kBlock * std::max<int64_t>(1, x.rows * x.cols / 32);
+  detail::parallel_for(blocks, cost, [&](int64_t block) {
+    const int64_t c0 = block * kBlock;
+    const int64_t count = std::min(kBlock, w.rows - c0);
     for (int64_t i = 0; i < x.rows; ++i) {
       const T* xi = x.data + i * x.row_stride;
-      logits(i, c) = unit ? dot_lanes(xi, wc, x.cols)
-                          : dot_strided_lanes(xi, x.col_stride, wc, w.col_stride, x.cols);
+      if (unit) {
+        dots_lanes(xi, w.data + c0 * w.row_stride, w.row_stride, x.cols, count, w.rows - c0,
+                   &logits(i, c0), logits.col_stride);
+        continue;
+      }
+      for (int64_t c = c0; c < c0 + count; ++c) {
+        logits(i, c) =
+            dot_strided_lanes(xi, x.col_stride, w.data + c * w.row_stride, w.col_stride, x.cols);
+      }
     }
   });
   return Status::Ok();
