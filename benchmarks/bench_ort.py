@@ -7,6 +7,7 @@ portable (> 1 = faster than portable).
 
     python benchmarks/bench_ort.py                      # batch 1 and 256, 1 and 2 threads
     python benchmarks/bench_ort.py --batches 1 64 256 --feat-dim 512 --classes 1000 --rounds 30
+    python benchmarks/bench_ort.py --head-only          # the head alone: our kernel against Gemm
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ IMPLS = ("torch eager", "ORT portable", "ORT custom", "ORT function")
 
 
 class HeadMLP(nn.Module):
-    def __init__(self, in_features: int, feat_dim: int, classes: int, margin: int) -> None:
+    def __init__(
+        self, in_features: int, feat_dim: int, classes: int, margin: int, head_only: bool = False
+    ) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(in_features, feat_dim), nn.ReLU())
+        self.body: nn.Module = nn.Identity()
+        if not head_only:
+            self.body = nn.Sequential(nn.Linear(in_features, feat_dim), nn.ReLU())
         self.head = LSoftmaxLinear(feat_dim, classes, margin=margin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,10 +86,19 @@ def main() -> None:
         help="let ORT's intra-op threads spin between runs (default off: the sessions of one "
         "process would compete through their spinners)",
     )
+    p.add_argument(
+        "--head-only",
+        action="store_true",
+        help="time the LSoftmaxLinear head alone (input size --feat-dim), without the first layer",
+    )
     args = p.parse_args()
+    if args.head_only:
+        args.in_features = args.feat_dim
 
     torch.manual_seed(0)
-    model = HeadMLP(args.in_features, args.feat_dim, args.classes, args.margin).eval()
+    model = HeadMLP(
+        args.in_features, args.feat_dim, args.classes, args.margin, args.head_only
+    ).eval()
     example = torch.randn(2, args.in_features)
     tmp = Path(tempfile.mkdtemp(prefix="bench_ort_"))
     paths = {}
@@ -123,10 +137,11 @@ def run_tables(
         f"machine: {_cpu_name()}, {os.cpu_count()} logical cores, threads={threads}, "
         f"ORT spinning {'on' if args.spinning else 'off'}, load average {load}"
     )
+    body = "" if args.head_only else f"{args.in_features} -> {args.feat_dim} (ReLU) -> "
     print(
         f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; model "
-        f"{args.in_features} -> {args.feat_dim} (ReLU) -> LSoftmaxLinear({args.feat_dim}, "
-        f"{args.classes}, margin={args.margin}), float32, inference (no labels)"
+        f"{body}LSoftmaxLinear({args.feat_dim}, {args.classes}, margin={args.margin}), float32, "
+        "inference (no labels)"
     )
     header = (
         f"{'batch':>5}  {'implementation':<14} {'median/call':>12} {'samples/s':>12}  vs portable"

@@ -22,9 +22,8 @@ OrtStatus* apply_margin(const T* x, const T* w, const L* labels, T* y, int64_t n
 
 // Y = X W^T into y. One row: the core's plain_logits on W as it is, since ORT's Gemm would pack
 // the unpacked W on every call and for a single row that copy costs more than the product (the
-// standard graph's MatMul pre-packs its constant weight once); the core's product also stays on
-// the calling thread at that size, where waking a sleeping pool thread costs more than it saves.
-// More rows: ORT's Gemm.
+// standard graph's MatMul pre-packs its constant weight once); the core splits its classes over
+// the session's intra-op pool from a few hundred classes on. More rows: ORT's Gemm.
 template <typename T>
 OrtStatus* plain_logits_into(OrtKernelContext* context, Ort::Op& gemm, const Ort::ConstValue& x,
                              const Ort::ConstValue& w, Ort::UnownedValue& y, int64_t n, int64_t d,

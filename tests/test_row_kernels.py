@@ -91,6 +91,32 @@ def test_plain_logits_unit_and_strided_builds_agree_bitwise(dtype: type, d: int)
     np.testing.assert_allclose(outs[0], ref, rtol=tol, atol=tol * math.sqrt(d))
 
 
+@pytest.mark.parametrize("d", [512, 515])
+def test_plain_logits_split_over_threads_gives_the_serial_bits(d: int) -> None:
+    """From a few hundred classes the product is split over the pool (the ORT kernel's batch-1
+    path at 1000 classes): every class is still one thread's sum in the fixed order, so 1 and 3
+    threads agree bit for bit, with the strided baseline build too."""
+    from lsoftmax import core
+
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((1, d)).astype(np.float32)
+    w = rng.standard_normal((1003, d)).astype(np.float32)
+    outs = []
+    before = core.get_num_threads()
+    try:
+        for threads, ws in ((1, w), (3, w), (3, np.asfortranarray(w))):
+            core.set_num_threads(threads)
+            out = np.zeros((1, 1003), dtype=np.float32)
+            _core.plain_logits_(out, x, ws)
+            outs.append(out)
+    finally:
+        core.set_num_threads(before)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(outs[0], ref, rtol=1e-5, atol=1e-5 * math.sqrt(d))
+
+
 def test_plain_logits_names_its_bad_arguments() -> None:
     x, w = np.zeros((2, 4), np.float32), np.zeros((3, 5), np.float32)
     with pytest.raises(ValueError, match="x has 4 features per row but weight has 5"):

@@ -149,12 +149,13 @@ Status plain_logits(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> 
   }
   const bool unit = x.col_stride == 1 && w.col_stride == 1;
   // Classes in blocks (one call into the instruction-set build per block and row), parallel
-  // only from about 2^20 multiply-adds per thread (cost per class d / 32 against
-  // kMinWorkPerThread = 2^15): below that, waking a sleeping pool thread costs more than the
-  // product, which is bound by reading W.
+  // from about 2^17 multiply-adds per range (cost per class d / 4 against kMinWorkPerThread =
+  // 2^15; 256 classes at d = 512). Measured in ONNX Runtime at batch 1 behind a first layer
+  // (docs/benchmarks.md): with two intra-op threads the product split in two ran the model
+  // faster than on the calling thread alone.
   constexpr int64_t kBlock = 16;
   const int64_t blocks = (w.rows + kBlock - 1) / kBlock;
-  const int64_t cost = kBlock * std::max<int64_t>(1, x.rows * x.cols / 32);
+  const int64_t cost = kBlock * std::max<int64_t>(1, x.rows * x.cols / 4);
   detail::parallel_for(blocks, cost, [&](int64_t block) {
     const int64_t c0 = block * kBlock;
     const int64_t count = std::min(kBlock, w.rows - c0);

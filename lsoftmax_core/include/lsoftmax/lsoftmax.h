@@ -99,7 +99,7 @@ Status margin_backward_fold(MatrixView<T> grad_logits, MatrixView<const T> x,
                             RowStats<T> forward_stats = RowStats<T>());
 
 // logits = x W^T, each entry a dot product in T over fixed lanes (every instruction-set build
-// rounds alike), parallel over classes only from about 2^20 multiply-adds per thread. For hosts
+// rounds alike), parallel over classes from about 2^17 multiply-adds per range. For hosts
 // whose GEMM is slow for a few rows: ORT's Gemm packs an unpacked W on every call, and for one
 // row that copy costs more than the product (single-sample inference).
 template <typename T>
