@@ -38,25 +38,12 @@ inline __attribute__((always_inline)) double dot_strided(const T* a, int64_t sa,
   return lane_sum(acc);
 }
 
-// |a|^2 summed exactly as dot_strided(a, a) sums it (the same products in the same lanes), with
-// one load and one conversion per element where the dot does two: the forward's pass over x for
-// the row norms is bound by the conversions to double.
+// |a|^2 as dot_strided(a, a) sums it. Inlined with both operands the same pointer, the compiler
+// loads and converts each element once where the dot of two rows does it twice: the forward's
+// pass over x for the row norms is bound by the conversions to double.
 template <bool kUnit, typename T>
 inline __attribute__((always_inline)) double sumsq_strided(const T* a, int64_t sa, int64_t n) {
-  if (kUnit) sa = 1;
-  double acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const double u = static_cast<double>(a[(d + k) * sa]);
-      acc[k] += u * u;
-    }
-  }
-  for (; d < n; ++d) {
-    const double u = static_cast<double>(a[d * sa]);
-    acc[0] += u * u;
-  }
-  return lane_sum(acc);
+  return dot_strided<kUnit>(a, sa, a, sa, n);
 }
 
 struct RowDots {
