@@ -148,7 +148,7 @@ OrtStatus* LGMLogitsOp<T>::CreateKernelV2(const OrtApi&, const OrtKernelInfo* in
     double alpha = 0.0;
     bool include_logdet = true;
     if (OrtStatus* bad = ReadLGMLogitsAttributes(info, &alpha, &include_logdet)) return bad;
-    *kernel = new LGMLogitsKernel<T>(make_gemm<T>(info, /*trans_b=*/true), alpha, include_logdet);
+    *kernel = new LGMLogitsKernel<T>(make_gemm<T>(info), alpha, include_logdet);
     return nullptr;
   });
 }

@@ -48,7 +48,7 @@ template <typename T>
 LSoftmaxLinearKernel<T>::LSoftmaxLinearKernel(const OrtKernelInfo* info, int64_t margin,
                                               double lambda)
     : margin_(margin), lambda_(lambda) {
-  gemm_ = make_gemm<T>(info, /*trans_b=*/true);
+  gemm_ = make_gemm<T>(info);
 }
 
 template <typename T>

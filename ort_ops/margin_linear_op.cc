@@ -97,7 +97,7 @@ template <typename T>
 MarginLinearKernel<T>::MarginLinearKernel(const OrtKernelInfo* info,
                                           const MarginLinearAttributes& attrs)
     : attrs_(attrs) {
-  gemm_ = make_gemm<T>(info, /*trans_b=*/true);
+  gemm_ = make_gemm<T>(info);
 }
 
 template <typename T>

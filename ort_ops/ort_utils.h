@@ -119,19 +119,19 @@ Ort::ConstValue optional_input(Ort::KernelContext& ctx, size_t index);
 OrtStatus* check_labels_input(const char* op, const Ort::ConstValue& labels, int64_t n,
                               ONNXTensorElementDataType* type);
 
-// ORT's Gemm computing Y = X B^T (trans_b) or X B, for CPU kernels. Op::Create applies no schema
-// defaults, so every attribute is given explicitly.
+// ORT's Gemm computing Y = X B^T, for CPU kernels. Op::Create applies no schema defaults, so
+// every attribute is given explicitly.
 template <typename T>
-Ort::Op make_gemm(const OrtKernelInfo* info, bool trans_b) {
+Ort::Op make_gemm(const OrtKernelInfo* info) {
   const char* type_names[] = {"T"};
   const ONNXTensorElementDataType types[] = {onnx_type<T>()};
   const float alpha = 1.0f, beta = 0.0f;
-  const int64_t trans_a = 0, trans_b_attr = trans_b ? 1 : 0;
+  const int64_t trans_a = 0, trans_b = 1;
   Ort::OpAttr attrs[] = {
       Ort::OpAttr("alpha", &alpha, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
       Ort::OpAttr("beta", &beta, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
       Ort::OpAttr("transA", &trans_a, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
-      Ort::OpAttr("transB", &trans_b_attr, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+      Ort::OpAttr("transB", &trans_b, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
   };
   return Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attrs, 4, /*inputs=*/2,
                          /*outputs=*/1);

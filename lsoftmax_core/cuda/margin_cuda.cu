@@ -226,15 +226,10 @@ Status check_common(const DeviceMatrix& x, const DeviceMatrix& w, const DeviceLa
                     int64_t margin, double lambda) {
   Status s = validate_margin_params(margin, lambda);
   if (!s.ok()) return s;
-  if (x.cols != w.cols) {
-    return Status::InvalidArgument("x has " + std::to_string(x.cols) +
-                                   " features per row but weight has " + std::to_string(w.cols) +
-                                   " (weight must be (num_classes, in_features))");
-  }
-  if (labels.size != x.rows) {
-    return Status::InvalidArgument("labels has " + std::to_string(labels.size) +
-                                   " entries but x has " + std::to_string(x.rows) + " rows");
-  }
+  s = lsoftmax::detail::check_weight_features(x.cols, w.cols);
+  if (!s.ok()) return s;
+  s = lsoftmax::detail::check_label_count(labels.size, x.rows);
+  if (!s.ok()) return s;
   if (w.rows < 1) return Status::InvalidArgument("weight must have at least one class (row)");
   if (labels.stride < 0) return Status::InvalidArgument("labels has a negative stride");
   if (labels.data == nullptr && labels.size > 0) {

@@ -133,11 +133,7 @@ Status margin_family_forward(const MarginSpec& spec, double lambda, const Device
                           error_flag, stream, device_lambda);
   }
   Status s = validate_margin_spec(spec, device_lambda != nullptr ? 0.0 : lambda);
-  if (s.ok() && x.cols != w.cols) {
-    s = Status::InvalidArgument("x has " + std::to_string(x.cols) +
-                                " features per row but weight has " + std::to_string(w.cols) +
-                                " (weight must be (num_classes, in_features))");
-  }
+  if (s.ok()) s = lsoftmax::detail::check_weight_features(x.cols, w.cols);
   if (s.ok()) s = lsoftmax::detail::check_label_count(labels.size, x.rows);
   if (s.ok() && w.rows < 1) s = Status::InvalidArgument("weight must have at least one class (row)");
   if (s.ok()) s = detail::check_matrix("x", x, x.rows, x.cols, x.dtype, "x");

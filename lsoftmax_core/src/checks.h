@@ -42,6 +42,13 @@ inline Status check_lgm_param_shapes(int64_t c, int64_t d, int64_t log_var_rows,
   return Status::Ok();
 }
 
+inline Status check_weight_features(int64_t x_cols, int64_t w_cols) {
+  if (x_cols == w_cols) return Status::Ok();
+  return Status::InvalidArgument("x has " + std::to_string(x_cols) +
+                                 " features per row but weight has " + std::to_string(w_cols) +
+                                 " (weight must be (num_classes, in_features))");
+}
+
 inline Status check_lgm_features(int64_t x_cols, int64_t means_cols) {
   if (x_cols == means_cols) return Status::Ok();
   return Status::InvalidArgument("x has " + std::to_string(x_cols) +

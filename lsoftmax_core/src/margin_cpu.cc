@@ -55,11 +55,7 @@ double norm_row(const MatrixView<const T>& a, int64_t i) {
 
 template <typename T>
 Status check_shapes(const MatrixView<const T>& x, const MatrixView<const T>& w, int64_t n_labels) {
-  if (x.cols != w.cols) {
-    return Status::InvalidArgument("x has " + std::to_string(x.cols) +
-                                   " features per row but weight has " + std::to_string(w.cols) +
-                                   " (weight must be (num_classes, in_features))");
-  }
+  if (Status s = detail::check_weight_features(x.cols, w.cols); !s.ok()) return s;
   if (Status s = detail::check_label_count(n_labels, x.rows); !s.ok()) return s;
   if (w.rows < 1) return Status::InvalidArgument("weight must have at least one class (row)");
   return Status::Ok();

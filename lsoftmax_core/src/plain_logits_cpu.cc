@@ -1,7 +1,6 @@
 // logits = x W^T for a few rows (lsoftmax::plain_logits, see lsoftmax.h).
 #include <algorithm>
 #include <cstring>
-#include <string>
 
 #include "checks.h"
 #include "isa_clones.h"
@@ -138,11 +137,7 @@ T dot_strided_lanes(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
 
 template <typename T>
 Status plain_logits(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> logits) {
-  if (x.cols != w.cols) {
-    return Status::InvalidArgument("x has " + std::to_string(x.cols) +
-                                   " features per row but weight has " + std::to_string(w.cols) +
-                                   " (weight must be (num_classes, in_features))");
-  }
+  if (Status s = detail::check_weight_features(x.cols, w.cols); !s.ok()) return s;
   if (Status s = detail::check_shape("logits", logits.rows, logits.cols, x.rows, w.rows);
       !s.ok()) {
     return s;
